@@ -1,0 +1,1 @@
+"""digits: a reproducible MNIST pipeline (DVC + PyTorch + MLflow)."""

@@ -1,0 +1,136 @@
+"""IDX parsing, the train/validation split, and loading the processed arrays as tensors.
+
+The processed files keep pixels as uint8 (exact, a quarter of float32's size); `load_split`
+scales them to float32 in [0, 1] in one vectorised step when a stage reads them."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from digits.files import atomic_path, write_text
+
+IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
+ROWS = COLS = 28
+NUM_CLASSES = 10
+
+
+class DataError(Exception):
+    pass
+
+
+def read_idx(path: str | Path, kind: str) -> np.ndarray:
+    """Parse an IDX file (.gz or raw). kind: 'images' -> (N, 784) uint8, 'labels' -> (N,) uint8."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip raises these for a truncated or non-gzip file
+        raise DataError(f"{path}: cannot read ({e})") from None
+    ndim, magic = (3, IMAGE_MAGIC) if kind == "images" else (1, LABEL_MAGIC)
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
+    got_magic = int.from_bytes(raw[:4], "big")
+    if got_magic != magic:
+        raise DataError(f"{path}: wrong magic number 0x{got_magic:08x}, "
+                        f"expected 0x{magic:08x} (IDX {kind})")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if kind == "images" and dims[1:] != [ROWS, COLS]:
+        raise DataError(f"{path}: wrong dimensions {dims}, expected [N, {ROWS}, {COLS}]")
+    expected = int(np.prod(dims))
+    payload = len(raw) - header
+    if payload != expected:
+        what = "truncated" if payload < expected else "trailing bytes in"
+        raise DataError(f"{path}: {what} payload: {payload} bytes, header says {expected}")
+    arr = np.frombuffer(raw, np.uint8, offset=header)
+    if kind == "labels":
+        if arr.size and arr.max() >= NUM_CLASSES:
+            bad = int(np.argmax(arr >= NUM_CLASSES))
+            raise DataError(f"{path}: label {arr[bad]} at index {bad} is outside 0-9")
+        return arr.copy()
+    return arr.reshape(dims[0], ROWS * COLS).copy()
+
+
+def read_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(raw_dir / f"{prefix}-images-idx3-ubyte.gz", "images")
+    labels = read_idx(raw_dir / f"{prefix}-labels-idx1-ubyte.gz", "labels")
+    if len(images) != len(labels):
+        raise DataError(f"{raw_dir}/{prefix}-*: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def split(x: np.ndarray, y: np.ndarray, val_size: int, seed: int):
+    """Stratified train/validation split: each digit keeps its share in both parts."""
+    return train_test_split(x, y, test_size=val_size, stratify=y, random_state=seed)
+
+
+def check_arrays(name: str, x: np.ndarray, y: np.ndarray) -> None:
+    """The processed data's contract: uint8 (N, 784) images, uint8 labels 0-9, every class."""
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != ROWS * COLS:
+        raise DataError(f"{name}: images {x.dtype}{x.shape}, expected uint8 (N, 784)")
+    if y.dtype != np.uint8 or y.shape != (len(x),):
+        raise DataError(f"{name}: labels {y.dtype}{y.shape}, expected uint8 ({len(x)},)")
+    counts = np.bincount(y, minlength=NUM_CLASSES)
+    if len(counts) > NUM_CLASSES or counts.min() == 0:
+        raise DataError(f"{name}: label counts {counts.tolist()}, expected every digit 0-9")
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare name
+            np.savez(f, **arrays)
+
+
+def preprocess(raw_dir: Path, train_out: Path, test_out: Path, summary_out: Path,
+               val_size: int, seed: int) -> dict:
+    x, y = read_pair(raw_dir, "train")
+    test_x, test_y = read_pair(raw_dir, "t10k")
+    if not 0 < val_size < len(x):
+        raise DataError(f"params.yaml: data.val_size: {val_size} must be below the "
+                        f"{len(x)} training images")
+    train_x, val_x, train_y, val_y = split(x, y, val_size, seed)
+    parts = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
+    for name, (px, py) in parts.items():
+        check_arrays(name, px, py)
+    # Stratification check: each class's share of val stays within 1 point of its share of train.
+    share = {n: np.bincount(py, minlength=NUM_CLASSES) / len(py) for n, (_, py) in parts.items()}
+    drift = float(np.abs(share["val"] - share["train"]).max())
+    if drift > 0.01:
+        raise DataError(f"validation split is not stratified (class share off by {drift:.3f})")
+    save_arrays(train_out, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+    save_arrays(test_out, test_x=test_x, test_y=test_y)
+    summary = {
+        name: {"count": len(py), "class_counts": np.bincount(py, minlength=NUM_CLASSES).tolist(),
+               "pixel_mean": round(float(px.mean()) / 255, 6)}
+        for name, (px, py) in parts.items()
+    }
+    write_text(summary_out, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_split(path: Path, *names: str) -> list[torch.Tensor]:
+    """Load `name` pairs from a processed .npz: images as float32 in [0, 1], labels as int64."""
+    with np.load(path, allow_pickle=False) as f:
+        out = []
+        for name in names:
+            x, y = f[f"{name}_x"], f[f"{name}_y"]
+            check_arrays(f"{path}:{name}", x, y)
+            out += [torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y).long()]
+    return out
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file: the data identity recorded with every model (and checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

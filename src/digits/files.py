@@ -1,0 +1,57 @@
+"""Where things live, and how they are written: every output goes to a temp file in the same
+folder first and is renamed into place, so a crash or a bad input never leaves half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# The layout dvc.yaml declares, relative to the repository root (stages run with cwd = root).
+RAW_DIR = Path("data/raw")
+TRAIN_DATA = Path("data/processed/train.npz")  # train + validation split
+TEST_DATA = Path("data/processed/test.npz")
+DATA_SUMMARY = Path("reports/data.json")
+MODEL = Path("models/model.safetensors")
+HISTORY = Path("reports/train_history.csv")
+METRICS = Path("reports/metrics.json")
+PREDICTIONS = Path("reports/predictions.csv")
+FIGURES = Path("reports/figures")
+RUN_INFO = Path("reports/mlflow_run.json")
+GATE_REPORT = Path("reports/gate.md")
+
+
+def repo_root() -> Path:
+    """The project root: DVC_ROOT when DVC runs us (for a queued experiment it names the parent
+    repository, not the temporary copy), else the nearest folder up from cwd with a dvc.yaml."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").exists():
+            return d
+    return here
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:  # the bytes are on disk before the name points at them
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,70 @@
+"""The network, and how it is stored.
+
+`build_mlp` returns logits: CrossEntropyLoss applies log-softmax itself, so a softmax before the
+loss would be applied twice. Users see probabilities through `Probabilities`, the wrapper that is
+logged to MLflow. Weights are saved as safetensors with the architecture in the header, so a
+model file is self-describing and loading it runs no pickle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from digits.files import atomic_path
+
+IN_FEATURES, NUM_CLASSES = 28 * 28, 10
+
+
+def build_mlp(hidden_sizes: tuple[int, ...] | list[int], dropout: float = 0.0) -> nn.Sequential:
+    """784 -> hidden... -> 10, ReLU (and optional dropout) between layers, logits out."""
+    layers: list[nn.Module] = []
+    sizes = [IN_FEATURES, *hidden_sizes]
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(sizes[-1], NUM_CLASSES))
+    return nn.Sequential(*layers)
+
+
+class Probabilities(nn.Module):
+    """What a user calls: a (N, 784) float32 batch in [0, 1] -> (N, 10) class probabilities."""
+
+    def __init__(self, logits_model: nn.Module):
+        super().__init__()
+        self.net = logits_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)
+
+
+def save_model(model: nn.Sequential, path: str | Path, hidden_sizes, dropout: float) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"architecture": json.dumps({"hidden_sizes": list(hidden_sizes), "dropout": dropout})}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def load_model(path: str | Path) -> nn.Sequential:
+    """Rebuild the network from a safetensors file written by save_model, in eval mode."""
+    path = Path(path)
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            arch = json.loads((f.metadata() or {})["architecture"])
+    except FileNotFoundError:
+        raise ValueError(f"{path}: model file not found") from None
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path}: not a model written by digits ({e})") from None
+    model = build_mlp(arch["hidden_sizes"], arch["dropout"])
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
