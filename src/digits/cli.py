@@ -10,16 +10,15 @@ import argparse
 import sys
 from collections.abc import Callable
 
-STAGES = ("download", "preprocess", "train", "evaluate")
-
-
 def _known_errors() -> tuple[type[Exception], ...]:
     from digits.config import ConfigError
     from digits.data import DataError
     from digits.download import DownloadError
+    from digits.gate import GateFailed
     from digits.train import CheckpointError
     from digits.tracking import TrackingError
-    return ConfigError, DataError, DownloadError, CheckpointError, TrackingError, ValueError
+    return (ConfigError, DataError, DownloadError, CheckpointError, TrackingError, GateFailed,
+            ValueError)
 
 
 def stage_download(params) -> None:
@@ -46,11 +45,17 @@ def stage_evaluate(params) -> None:
     run(params)
 
 
+def stage_gate(params) -> None:
+    from digits.gate import run
+    run(params)
+
+
 COMMANDS: dict[str, Callable] = {
     "download": stage_download,
     "preprocess": stage_preprocess,
     "train": stage_train,
     "evaluate": stage_evaluate,
+    "gate": stage_gate,
 }
 
 

@@ -82,7 +82,7 @@ class MlflowParams(_Strict):
 
 class GateParams(_Strict):
     min_accuracy: float = Field(0.98, ge=0, le=1)
-    max_loss: float = Field(0.1, gt=0)
+    max_loss: float = Field(0.2, gt=0)
     min_class_recall: float = Field(0.95, ge=0, le=1)
     max_accuracy_drop: float = Field(0.002, ge=0, le=1)
 

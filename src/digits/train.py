@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +184,13 @@ def load_checkpoint(path: Path, run_id: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        # torch's message opens with advice (and terminal escapes); the reason is on the
+        # "WeightsUnpickler error:" line, e.g. "Unsupported global: GLOBAL builtins.exec ..."
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", text, re.S)
+        why = " ".join((m.group(1) if m else text.split(". ")[0]).split()) or type(e).__name__
         raise CheckpointError(f"{path}: refused to load checkpoint (not a plain tensor "
-                              f"checkpoint: {str(e).splitlines()[0]}); delete it to start over") from None
+                              f"checkpoint: {why}); delete it to start over") from None
     if not isinstance(state, dict) or state.get("fingerprint") != run_id:
         raise CheckpointError(f"{path}: checkpoint belongs to another run (params or data "
                               "differ); delete it to start over")

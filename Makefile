@@ -1,0 +1,28 @@
+# `make run` and `make test` on a fresh machine: both build .venv first (once).
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(abspath $(VENV))/bin
+# Stages run `python ...`: put the venv first on PATH so DVC finds its interpreter.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install      ## download, preprocess, train, evaluate (and gate): dvc repro
+	dvc repro
+
+test: install     ## the test suite (real DVC, MLflow and MNIST from $$MNIST_MIRROR / ../shared/mnist)
+	python -m pytest
+
+bench: install    ## training-speed benchmark (prints samples/s and ratios)
+	python benchmarks/train_speed.py
+
+clean:            ## generated data, models, reports and the local MLflow store
+	rm -rf data/raw data/processed models reports/figures mlflow.db mlflow.db.lock mlartifacts .checkpoints

@@ -1,0 +1,6 @@
+"""DVC stage `gate` (see dvc.yaml for its inputs and outputs)."""
+import sys
+
+from digits.cli import run_command
+
+sys.exit(run_command("gate"))

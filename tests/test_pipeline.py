@@ -1,0 +1,127 @@
+"""The whole pipeline, for real: `dvc repro` in a fresh git repo, MNIST from a mirror served on
+127.0.0.1, MLflow's default SQLite store, and the registered model loaded back with pyfunc."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import dvc, make_project, project_env, run, set_params
+
+pytestmark = pytest.mark.slow
+EPOCHS = 3  # enough to learn MNIST well past chance; the default run is CI's own step
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory, mnist_http):
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    # 3 epochs reach ~97.5%: relax the accuracy gate so the short run is promoted
+    set_params(project, **{"train.epochs": EPOCHS, "gates.min_accuracy": 0.95})
+    run(["git", "commit", "-qam", "short run"], project)
+    env = project_env(project, mnist_http)
+    first = dvc(project, "repro", env=env)
+    return project, env, first
+
+
+def test_stages_write_their_outputs(repro):
+    project, _, first = repro
+    for stage in ("download", "preprocess", "train", "evaluate", "gate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    raw = sorted(p.name for p in (project / "data/raw").iterdir())
+    assert raw == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                   "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    with np.load(project / "data/processed/train.npz") as f:
+        assert f["train_x"].shape == (55000, 784) and f["train_x"].dtype == np.uint8
+        assert f["val_x"].shape == (5000, 784)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["accuracy"] > 0.95
+    assert set(metrics) >= {"accuracy", "loss", "macro_f1", "per_class"}
+    assert set(metrics["per_class"]) == {str(d) for d in range(10)}
+    history = (project / "reports/train_history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss") and len(history) == 1 + EPOCHS
+    for png in ("training_curves", "confusion_matrix", "misclassified"):
+        assert (project / f"reports/figures/{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((project / "reports/predictions.csv").read_text().splitlines()) == 10001
+    # DVC tracks the outputs: the lock file names each stage with hashes of its outs
+    lock = (project / "dvc.lock").read_text()
+    assert "models/model.safetensors" in lock and "md5:" in lock
+
+
+def test_metrics_and_plots_are_visible_to_dvc(repro):
+    project, env, _ = repro
+    shown = json.loads(dvc(project, "metrics", "show", "--json", env=env).stdout)
+    data = next(iter(shown.values()))["data"]
+    assert data["reports/metrics.json"]["data"]["accuracy"] > 0.95
+    plots = dvc(project, "plots", "show", "--json", env=env).stdout
+    assert "reports/predictions.csv" in plots and "Accuracy per epoch" in plots
+
+
+def test_mlflow_run_and_registered_model(repro):
+    project, _, _ = repro
+    info = json.loads((project / "reports/mlflow_run.json").read_text())
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run = mlflow.get_run(info["run_id"])
+    assert run.data.params["train.epochs"] == str(EPOCHS)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.tags["git_commit"] and len(run.data.tags["git_commit"]) == 40
+    history = mlflow.MlflowClient().get_metric_history(info["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(info["run_id"], "figures")}
+    assert artifacts == {f"figures/{n}.png" for n in
+                         ("training_curves", "confusion_matrix", "misclassified")}
+    # the artifact store is an absolute folder at the project root, not the run's cwd
+    exp = mlflow.get_experiment(info["experiment_id"])
+    assert exp.artifact_location == (project / "mlartifacts").as_uri()
+
+    model = mlflow.pyfunc.load_model(f"models:/mnist-mlp/{info['version']}")
+    with np.load(project / "data/processed/test.npz") as f:
+        x, y = f["test_x"].astype(np.float32) / 255, f["test_y"]
+    probs = model.predict(x)
+    assert probs.shape == (10000, 10)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)  # probabilities, not logits
+    assert (probs.argmax(1) == y).mean() == pytest.approx(metrics["accuracy"], abs=1e-9)
+    for n in (1, 3, 257):  # any batch size, not just the example's
+        assert model.predict(x[:n]).shape == (n, 10)
+
+
+def test_second_repro_does_nothing(repro):
+    project, env, _ = repro
+    before = (project / "dvc.lock").read_text()
+    again = dvc(project, "repro", env=env)
+    assert "Running stage" not in again.stdout
+    assert (project / "dvc.lock").read_text() == before
+
+
+def test_evaluate_param_reruns_only_evaluate(repro):
+    project, env, _ = repro
+    model_before = (project / "models/model.safetensors").read_bytes()
+    set_params(project, **{"evaluate.misclassified_shown": 12})
+    out = dvc(project, "repro", env=env).stdout
+    assert "Running stage 'evaluate'" in out
+    for stage in ("download", "preprocess", "train"):
+        assert f"Running stage '{stage}'" not in out
+    assert (project / "models/model.safetensors").read_bytes() == model_before
+
+
+def test_bad_training_stops_at_the_gate(repro):
+    """One epoch at lr 1.0 ruins the model: `dvc exp run` must stop at the gate, name the
+    failing gates, record the rejection in the registry, and leave the champion alone."""
+    project, env, _ = repro
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("mnist-mlp", "champion").version
+    proc = dvc(project, "exp", "run", "-n", "bad-lr", "-S", "train.epochs=1",
+               "-S", "train.lr=1.0", env=env, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Running stage 'gate'" in out and "digits gate: error: failed gates: min_accuracy" in out
+    assert client.get_model_version_by_alias("mnist-mlp", "champion").version == champion
+    newest = max(client.search_model_versions("name='mnist-mlp'"), key=lambda v: int(v.version))
+    assert newest.tags["validation_status"] == "rejected"
+    assert "min_accuracy" in newest.tags["validation_reasons"]
+    run_ = mlflow.get_run(newest.tags["run_id"])
+    assert run_.data.tags["dvc_exp_name"] == "bad-lr"
+    assert run_.data.params["train.lr"] == "1.0"
