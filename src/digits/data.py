@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # gzip raises these for a truncated or non-gzip file
+    except (OSError, EOFError, zlib.error) as e:  # truncated, corrupt or non-gzip file
         raise DataError(f"{path}: cannot read ({e})") from None
     ndim, magic = (3, IMAGE_MAGIC) if kind == "images" else (1, LABEL_MAGIC)
     header = 4 + 4 * ndim

@@ -61,8 +61,13 @@ def load_model(path: str | Path) -> nn.Sequential:
         raise ValueError(f"{path}: model file not found") from None
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise ValueError(f"{path}: not a model written by digits ({e})") from None
-    model = build_mlp(arch["hidden_sizes"], arch["dropout"])
-    model.load_state_dict(state)
+    try:
+        model = build_mlp(arch["hidden_sizes"], arch["dropout"])
+        model.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError) as e:  # header and tensors disagree
+        detail = " ".join(str(e).split())[:300]  # one line for the CLI
+        raise ValueError(f"{path}: not a model written by digits (its weights do not match "
+                         f"the architecture in its header: {detail})") from None
     return model.eval()
 
 

@@ -1,0 +1,132 @@
+"""params.yaml validation: every bad value stops a stage before any work, with one line that
+names the key and says what was expected."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run
+
+from digits.config import ConfigError, Params, TrainParams, flat_params, load_params
+
+# (YAML text, the dotted key the message must name, words of what was expected)
+BAD = {
+    "unknown key": ("train:\n  epochz: 3\n", "train.epochz", "unknown key"),
+    "unknown section": ("trian:\n  epochs: 3\n", "trian", "unknown key"),
+    "wrong type": ("train:\n  epochs: ten\n", "train.epochs", "valid integer"),
+    "float as int": ("train:\n  batch_size: 2.5\n", "train.batch_size", "valid integer"),
+    "string as float": ("train:\n  lr: '0.1'\n", "train.lr", "valid number"),
+    "negative lr": ("train:\n  lr: -0.001\n", "train.lr", "greater than 0"),
+    "empty hidden_sizes": ("train:\n  hidden_sizes: []\n", "train.hidden_sizes", "at least 1"),
+    "zero layer size": ("train:\n  hidden_sizes: [256, 0]\n", "train.hidden_sizes",
+                        "positive layer sizes"),
+    "zero epochs": ("train:\n  epochs: 0\n", "train.epochs", "greater than or equal to 1"),
+    "dropout 1": ("train:\n  dropout: 1.0\n", "train.dropout", "less than 1"),
+    "beta out of range": ("train:\n  betas: [0.9, 1.5]\n", "train.betas", "[0, 1)"),
+    "unknown schedule": ("train:\n  schedule: linear\n", "train.schedule", "'cosine'"),
+    "val_size too small": ("data:\n  val_size: 5\n", "data.val_size",
+                           "greater than or equal to 10"),
+    "val_size too large": ("data:\n  val_size: 50000\n", "data.val_size",
+                           "less than or equal to 30000"),
+    "augment scale order": ("train:\n  augment:\n    scale: [1.2, 0.8]\n",
+                            "train.augment.scale", "low <= high"),
+    "section not a mapping": ("train: 5\n", "train", "dictionary"),
+}
+
+
+def test_default_params_file_validates():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # every value in the file is what the model holds (nothing dropped or coerced away)
+    flat = flat_params(params)
+    assert flat["train.hidden_sizes"] == raw["train"]["hidden_sizes"]
+    assert flat["train.epochs"] == raw["train"]["epochs"]
+    assert flat["data.val_size"] == raw["data"]["val_size"]
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_value_names_key_and_expectation(tmp_path, case):
+    text, key, expected = BAD[case]
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: {key}: "), msg
+    assert expected in msg, msg
+
+
+def test_several_errors_report_first_and_count(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: -1\n  epochs: 0\n  dropout: 2\n")
+    msg = str(pytest.raises(ConfigError, load_params, path).value)
+    # the first error in the schema's order is named, the others counted
+    assert ": train.dropout: " in msg and msg.endswith("(and 2 more)")
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_params(bad)
+
+
+def test_valid_values_are_accepted(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1\n  hidden_sizes: [8]\n  schedule: none\n")
+    p = load_params(path).train
+    assert p.lr == 1.0 and p.hidden_sizes == (8,) and p.schedule == "none"
+    assert p.epochs == TrainParams().epochs  # unspecified keys keep their defaults
+
+
+def _project(tmp_path, text: str, name: str = "params.yaml") -> set[Path]:
+    """A project folder holding `text` as its params file; returns the paths now in it."""
+    (tmp_path / name).write_text(text)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # the project root marker
+    return {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+
+
+@pytest.mark.parametrize("how", ["pipeline-script", "cli-params-option"])
+def test_cli_stops_before_any_work(tmp_path, fake_raw, how):
+    # Processed data is present, so with good params the stage would train and write files.
+    from digits.data import preprocess
+    processed = tmp_path / "data/processed"
+    preprocess(fake_raw, processed / "train.npz", processed / "test.npz",
+               tmp_path / "reports/data.json", val_size=100, seed=0)
+    bad = "train:\n  epochs: 1\n  lr: -0.5\n"
+    if how == "pipeline-script":
+        before = _project(tmp_path, bad)
+        cmd = [sys.executable, str(ROOT / "pipeline/train.py")]
+    else:
+        before = _project(tmp_path, bad, "bad.yaml")
+        cmd = [sys.executable, "-m", "digits.cli", "--params", "bad.yaml", "train"]
+    proc = run(cmd, tmp_path, check=False, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("digits train: error: ")
+    assert "train.lr" in lines[0] and "greater than 0" in lines[0]
+    after = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+    assert after == before  # no models/, reports/train_history.csv, .checkpoints/ created
+
+
+def test_download_stage_validates_before_network(tmp_path):
+    # the mirror is a closed port: a download attempt would fail with another message
+    before = _project(tmp_path, "data:\n  seed: -1\n")
+    proc = run([sys.executable, str(ROOT / "pipeline/download.py")], tmp_path, check=False,
+               env={"MNIST_MIRROR": "http://127.0.0.1:9/"}, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "digits download: error: params.yaml: data.seed: input should be greater than or "
+        "equal to 0, got -1"]
+    assert {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} == before  # no data/raw

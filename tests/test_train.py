@@ -1,0 +1,275 @@
+"""Training on the tiny fake data set: reproducible to the byte, learns, refuses any checkpoint
+that is not a plain tensor file of the same run, and resumes after a real SIGKILL to exactly
+the model an uninterrupted run gives."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_fake_mnist, run
+
+from digits.config import TrainParams, parse_params
+from digits.data import file_digest, load_split, preprocess
+from digits.model import save_model
+from digits.train import (HISTORY_FIELDS, CheckpointError, fingerprint, read_history, train,
+                          write_history)
+
+# Two OpenMP threads per process on a busy 2-core machine spin against each other and make
+# small-batch training 10-100x slower; one thread keeps these tests fast and is just as exact.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    """data/processed/train.npz (+ test.npz) made by the real preprocess from fake raw files."""
+    root = tmp_path_factory.mktemp("data")
+    raw = make_fake_mnist(root / "raw", n_train=1100, n_test=100)
+    out = root / "processed"
+    preprocess(raw, out / "train.npz", out / "test.npz", root / "data.json", val_size=100, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tensors(processed):
+    return load_split(processed / "train.npz", "train", "val")
+
+
+def params(**kw) -> TrainParams:
+    base = {"epochs": 3, "batch_size": 32, "device": "cpu", "hidden_sizes": [64, 32]}
+    return parse_params({"train": {**base, **kw}}).train
+
+
+def no_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_same_params_same_bytes(tmp_path, tensors):
+    p = params()
+    a = train(p, *tensors, progress=False)
+    b = train(p, *tensors, progress=False)
+    save_model(a.model, tmp_path / "a.safetensors", p.hidden_sizes, p.dropout)
+    save_model(b.model, tmp_path / "b.safetensors", p.hidden_sizes, p.dropout)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert no_seconds(a.history) == no_seconds(b.history)
+    assert [h["epoch"] for h in a.history] == [1, 2, 3]
+    # and the seed matters: another seed, other weights
+    c = train(params(seed=1), *tensors, progress=False)
+    save_model(c.model, tmp_path / "c.safetensors", p.hidden_sizes, p.dropout)
+    assert (tmp_path / "c.safetensors").read_bytes() != (tmp_path / "a.safetensors").read_bytes()
+
+
+def test_loss_decreases_and_model_learns(tensors):
+    result = train(params(epochs=4, label_smoothing=0.0), *tensors, progress=False)
+    h = result.history
+    assert h[-1]["train_loss"] < 0.5 * h[0]["train_loss"]
+    assert h[-1]["val_loss"] < h[0]["val_loss"]
+    assert h[-1]["val_accuracy"] > 0.9  # the fake digits are easy; chance is 0.1
+    assert not result.model.training and next(result.model.parameters()).device.type == "cpu"
+    # the LR schedule ran: one-cycle ends far below its peak
+    assert h[-1]["lr"] < 0.01 * params().lr
+
+
+def test_history_file_roundtrip(tmp_path, tensors):
+    result = train(params(epochs=2), *tensors, progress=False)
+    path = tmp_path / "reports/train_history.csv"
+    write_history(path, result.history)
+    header = path.read_text().splitlines()[0]
+    assert header == ",".join(HISTORY_FIELDS)
+    assert header.startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr")
+    back = read_history(path)
+    assert [r["epoch"] for r in back] == [1, 2]
+    for got, want in zip(back, result.history):
+        assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], rel=1e-5)
+
+
+def test_in_process_resume_matches(tmp_path, tensors):
+    p = params(epochs=3)
+    ckpt = tmp_path / "ckpt.pt"
+    full = train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    # a checkpoint after each epoch but the last: epoch 2 is what is there now
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2 and state["fingerprint"] == "run-a"
+    again = train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    assert again.resumed_from_epoch == 2
+    for (k, v), (k2, v2) in zip(full.model.state_dict().items(),
+                                again.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert no_seconds(again.history) == no_seconds(full.history)
+
+
+# --- checkpoints that must be refused --------------------------------------------------------
+
+class Payload:
+    """Unpickling this runs code: it writes a marker file. torch.load(weights_only=True) must
+    refuse it before that happens."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def _raw_pickle(path: Path, marker: Path) -> None:
+    path.write_bytes(pickle.dumps({"fingerprint": "run-a", "epoch": 1, "x": Payload(marker)},
+                                  protocol=2))
+
+
+def _torch_saved(path: Path, marker: Path) -> None:
+    torch.save({"fingerprint": "run-a", "epoch": 1, "model": Payload(marker)}, path)
+
+
+@pytest.mark.parametrize("plant", [_raw_pickle, _torch_saved])
+def test_malicious_checkpoint_is_refused(tmp_path, tensors, plant):
+    # the payload is live: plain pickle runs it (control)
+    control = tmp_path / "control-marker"
+    plant(tmp_path / "control.pt", control)
+    if plant is _raw_pickle:
+        pickle.loads((tmp_path / "control.pt").read_bytes())
+    else:
+        torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.read_text() == "pwned"
+
+    marker = tmp_path / "marker"
+    ckpt = tmp_path / "ckpt.pt"
+    plant(ckpt, marker)
+    with pytest.raises(CheckpointError) as err:
+        train(params(epochs=1), *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{ckpt}: refused to load checkpoint")
+    assert "Unsupported global" in msg and "exec" in msg  # the reason, named
+    assert msg.endswith("delete it to start over") and "\n" not in msg and "\x1b" not in msg
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, tensors):
+    p = params(epochs=2)
+    ckpt = tmp_path / "ckpt.pt"
+    train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # e.g. a full disk
+    with pytest.raises(CheckpointError, match="refused to load checkpoint .*zip archive"):
+        train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+
+
+def test_other_runs_checkpoint_is_refused(tmp_path, tensors):
+    p = params(epochs=2)
+    ckpt = tmp_path / "ckpt.pt"
+    train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    assert ckpt.exists()
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        train(p, *tensors, checkpoint=ckpt, run_id="run-b", progress=False)
+    # a plain tensor file that is not a checkpoint at all is refused the same way
+    torch.save(torch.zeros(3), ckpt)
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+
+
+def test_fingerprint_covers_params_and_data():
+    p = params()
+    assert fingerprint(p, "d1") == fingerprint(params(), "d1")
+    assert fingerprint(p, "d1") != fingerprint(p, "d2")
+    assert fingerprint(p, "d1") != fingerprint(params(lr=0.001), "d1")
+    assert fingerprint(p, "d1") != fingerprint(params(augment={"enabled": True}), "d1")
+
+
+# --- the stage as a process: refusal and resume after SIGKILL --------------------------------
+
+def make_stage_dir(root: Path, processed: Path, train_params: dict) -> Path:
+    """What the train stage needs: a project root (dvc.yaml), params.yaml, processed data."""
+    import yaml
+    root.mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(
+        {"data": {"val_size": 100}, "train": {"device": "cpu", **train_params}}))
+    (root / "data/processed").mkdir(parents=True)
+    shutil.copy2(processed / "train.npz", root / "data/processed/train.npz")
+    return root
+
+
+def stage_checkpoint(root: Path) -> Path:
+    from digits.config import load_params
+    p = load_params(root / "params.yaml").train
+    run_id = fingerprint(p, file_digest(root / "data/processed/train.npz"))
+    return root / ".checkpoints" / f"train-{run_id[:16]}.pt"
+
+
+def test_stage_refuses_planted_checkpoint(tmp_path, processed):
+    root = make_stage_dir(tmp_path / "proj", processed, {"epochs": 1, "batch_size": 64})
+    ckpt = stage_checkpoint(root)  # exactly where the stage will look
+    ckpt.parent.mkdir()
+    marker = tmp_path / "marker"
+    _torch_saved(ckpt, marker)
+    proc = run([sys.executable, "-m", "digits.cli", "train"], root, env=ONE_THREAD,
+               check=False, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"digits train: error: {ckpt}: refused to load checkpoint")
+    assert not marker.exists()
+    assert not (root / "models").exists()
+    assert ckpt.exists()  # left for the user to inspect and delete
+
+
+EPOCHS = 16
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, processed):
+    # 1000 images in batches of 4: 250 steps an epoch, long enough to be killed mid-run
+    train_params = {"epochs": EPOCHS, "batch_size": 4, "hidden_sizes": [64, 32]}
+    ref = make_stage_dir(tmp_path / "reference", processed, train_params)
+    victim = make_stage_dir(tmp_path / "victim", processed, train_params)
+    env = {**os.environ, **ONE_THREAD}
+    cmd = [sys.executable, "-m", "digits.cli", "train"]
+    with open(tmp_path / "ref.log", "w") as ref_log, open(tmp_path / "victim.log", "w") as vlog:
+        reference = subprocess.Popen(cmd, cwd=ref, env=env, stdout=ref_log,
+                                     stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=victim, env=env, stdout=vlog, stderr=subprocess.STDOUT)
+        try:
+            ckpt = stage_checkpoint(victim)
+            deadline = time.monotonic() + 300
+            while not ckpt.exists():  # the first epoch is done and saved
+                assert proc.poll() is None, (tmp_path / "victim.log").read_text()
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.005)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            proc.kill()
+            proc.wait()
+
+        # killed mid-run: a checkpoint of a finished epoch, no model, no temp files
+        assert not (victim / "models").exists()
+        epoch = torch.load(ckpt, weights_only=True)["epoch"]
+        assert 1 <= epoch < EPOCHS
+        assert os.listdir(ckpt.parent) == [ckpt.name]
+
+        resumed = run(cmd, victim, env=ONE_THREAD, timeout=600)
+        assert reference.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()
+
+    assert f"train: resuming from {ckpt} after epoch {epoch}" in resumed.stdout
+    assert f"epoch {epoch:3d}/{EPOCHS}" not in resumed.stdout  # done epochs are not redone
+    assert f"epoch {EPOCHS:3d}/{EPOCHS}" in resumed.stdout
+    model = "models/model.safetensors"
+    assert (victim / model).read_bytes() == (ref / model).read_bytes()
+    history = "reports/train_history.csv"
+    assert no_seconds(read_history(victim / history)) == no_seconds(read_history(ref / history))
+    assert len(read_history(victim / history)) == EPOCHS
+    for root in (ref, victim):
+        assert os.listdir(root / ".checkpoints") == []  # nothing left to resume by mistake
