@@ -95,6 +95,22 @@ def test_second_repro_does_nothing(repro):
     assert (project / "dvc.lock").read_text() == before
 
 
+def test_forced_rerun_is_bit_identical(repro):
+    """`dvc repro --force` retrains from scratch: same params, same machine -> the same model
+    bytes, history and metrics (only the MLflow run and version are new)."""
+    project, env, _ = repro
+    files = ["models/model.safetensors", "reports/train_history.csv", "reports/metrics.json",
+             "reports/predictions.csv", "data/processed/train.npz", "data/processed/test.npz"]
+    before = {f: (project / f).read_bytes() for f in files}
+    version_before = json.loads((project / "reports/mlflow_run.json").read_text())["version"]
+    out = dvc(project, "repro", "--force", env=env).stdout
+    assert "Running stage 'train'" in out
+    for f in files:
+        assert (project / f).read_bytes() == before[f], f"{f} changed on a forced rerun"
+    version_after = json.loads((project / "reports/mlflow_run.json").read_text())["version"]
+    assert int(version_after) == int(version_before) + 1
+
+
 def test_evaluate_param_reruns_only_evaluate(repro):
     project, env, _ = repro
     model_before = (project / "models/model.safetensors").read_bytes()
