@@ -44,9 +44,9 @@ class AugmentParams(_Strict):
 class TrainParams(_Strict):
     hidden_sizes: tuple[int, ...] = Field((256, 128, 64, 32), min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    epochs: int = Field(20, ge=1, le=10000)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.003, gt=0, le=10)
+    epochs: int = Field(25, ge=1, le=10000)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(0.005, gt=0, le=10)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["none", "onecycle", "cosine"] = "onecycle"
