@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from digits.files import repo_root
+from digits.model import Probabilities
 
 # MLflow's HTTP client retries with backoff for minutes by default; a pipeline stage should
 # fail fast with a clear message instead. A user's own setting wins.
@@ -139,8 +140,7 @@ def log_pipeline_run(params, metrics: dict, history: list[dict], figures: list[P
             for fig in figures:
                 client.log_artifact(run_id, str(fig), "figures")
             client.log_artifact(run_id, str(MODEL), "weights")
-            with mlflow.start_run(run_id=run_id):
-                from digits.model import Probabilities
+            with mlflow.start_run(run_id=run_id):  # ends the run as FINISHED on exit
                 info = mlflow.pytorch.log_model(
                     Probabilities(model).eval(), name="model",
                     input_example=example.numpy(), serialization_format="pt2",
@@ -150,7 +150,6 @@ def log_pipeline_run(params, metrics: dict, history: list[dict], figures: list[P
             for k, v in {**tags, "test_accuracy": str(metrics["accuracy"]),
                          "run_id": run_id}.items():
                 client.set_model_version_tag(name, version, k, v)
-            client.set_terminated(run_id, "FINISHED")
         except mlflow.exceptions.MlflowException as e:
             raise TrackingError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
     out = {"run_id": run_id, "experiment_id": experiment_id, "registered_model": name,
