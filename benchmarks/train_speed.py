@@ -37,25 +37,31 @@ from digits.train import train  # noqa: E402
 
 
 def find_mnist() -> Path:
-    candidates = [ROOT / "data/raw", os.environ.get("MNIST_MIRROR", "").split(",")[0],
-                  os.environ.get("MNIST_DIR", ""), ROOT.parent / "shared/mnist"]
+    candidates = [
+        ROOT / "data/raw",
+        os.environ.get("MNIST_MIRROR", "").split(",")[0],
+        os.environ.get("MNIST_DIR", ""),
+        ROOT.parent / "shared/mnist",
+    ]
     for c in candidates:
         if c and all((Path(c) / name).is_file() for name, _ in RESOURCES):
             return Path(c)
-    sys.exit("benchmark: no folder with the four MNIST .gz files (run `dvc repro`, or set "
-             "MNIST_DIR to a local copy)")
+    sys.exit(
+        "benchmark: no folder with the four MNIST .gz files (run `dvc repro`, or set "
+        "MNIST_DIR to a local copy)"
+    )
 
 
 def torchvision_dataset(src: Path, workdir: Path):
     """torchvision's own MNIST class on the official files (copied where it looks for them)."""
     from torchvision import datasets, transforms
+
     raw = workdir / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name, _ in RESOURCES:
         shutil.copy(src / name, raw / name)
     # download=True finds the verified .gz files and only extracts them: no network
-    return datasets.MNIST(str(workdir), train=True, download=True,
-                          transform=transforms.ToTensor())
+    return datasets.MNIST(str(workdir), train=True, download=True, transform=transforms.ToTensor())
 
 
 def usual_way(dataset, hidden_sizes, epochs: int) -> float:
@@ -94,12 +100,14 @@ def matmul_rate(size: int = 1024, seconds: float = 2.0) -> float:
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-    return 2 * size ** 3 * reps / (time.perf_counter() - t0)
+    return 2 * size**3 * reps / (time.perf_counter() - t0)
 
 
 def profile(params, x, y) -> None:
     """Where a training step's time goes (the digits trainer, 30 steps)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     p = params.train.model_copy(update={"epochs": 1})
     n = 30 * p.batch_size
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -125,18 +133,26 @@ def main() -> None:
     rate = matmul_rate()
     limit = rate / flops_per_sample
 
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; sgemm {rate / 1e9:.0f} GFLOP/s")
-    print(f"network: {count_parameters(build_mlp(hidden)):,} parameters, "
-          f"{flops_per_sample / 1e6:.2f} MFLOP per training sample; {args.epochs} epoch(s), "
-          f"{len(x):,} images")
-    print(f"digits params: batch {params.train.batch_size}, lr {params.train.lr}, "
-          f"schedule {params.train.schedule}, device {params.train.device}")
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; sgemm {rate / 1e9:.0f} GFLOP/s"
+    )
+    print(
+        f"network: {count_parameters(build_mlp(hidden)):,} parameters, "
+        f"{flops_per_sample / 1e6:.2f} MFLOP per training sample; {args.epochs} epoch(s), "
+        f"{len(x):,} images"
+    )
+    print(
+        f"digits params: batch {params.train.batch_size}, lr {params.train.lr}, "
+        f"schedule {params.train.schedule}, device {params.train.device}"
+    )
     print()
     print(f"{'way':<34}{'samples/s':>12}{'vs usual':>10}{'vs limit':>10}")
-    for name, sps in (("1. usual (DataLoader, batch 64)", usual),
-                      ("2. digits trainer (params.yaml)", ours),
-                      ("3. limit (sgemm / 6 x params)", limit)):
+    for name, sps in (
+        ("1. usual (DataLoader, batch 64)", usual),
+        ("2. digits trainer (params.yaml)", ours),
+        ("3. limit (sgemm / 6 x params)", limit),
+    ):
         print(f"{name:<34}{sps:>12,.0f}{sps / usual:>9.1f}x{sps / limit:>9.2f}x")
     if args.profile:
         print()

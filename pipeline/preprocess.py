@@ -1,4 +1,5 @@
 """DVC stage `preprocess` (see dvc.yaml for its inputs and outputs)."""
+
 import sys
 
 from digits.cli import run_command

@@ -70,7 +70,7 @@ def make_fake_mnist(raw_dir: Path, n_train: int = 600, n_test: int = 100, seed: 
         rng.shuffle(labels)
         images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
         for i, c in enumerate(labels):
-            images[i, 2 + 2 * c: 4 + 2 * c, 4:24] = 255
+            images[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 255
         write_idx(raw_dir / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return raw_dir
@@ -81,14 +81,18 @@ def fake_raw(tmp_path) -> Path:
     return make_fake_mnist(tmp_path / "raw")
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True,
-        timeout: float = 900) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -99,7 +103,9 @@ def make_project(dest: Path) -> Path:
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         elif src.exists():
             shutil.copy2(src, dest / name)
     shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
@@ -130,6 +136,7 @@ def project_env(project: Path, mirror: str) -> dict:
 def set_params(project: Path, **changes) -> None:
     """Edit params.yaml in place: set_params(p, **{"train.epochs": 2})."""
     import yaml
+
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
     for dotted, value in changes.items():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run
 
+from conftest import ROOT, run
 from digits.config import ConfigError, Params, TrainParams, flat_params, load_params
 
 # (YAML text, the dotted key the message must name, words of what was expected)
@@ -21,18 +21,30 @@ BAD = {
     "string as float": ("train:\n  lr: '0.1'\n", "train.lr", "valid number"),
     "negative lr": ("train:\n  lr: -0.001\n", "train.lr", "greater than 0"),
     "empty hidden_sizes": ("train:\n  hidden_sizes: []\n", "train.hidden_sizes", "at least 1"),
-    "zero layer size": ("train:\n  hidden_sizes: [256, 0]\n", "train.hidden_sizes",
-                        "positive layer sizes"),
+    "zero layer size": (
+        "train:\n  hidden_sizes: [256, 0]\n",
+        "train.hidden_sizes",
+        "positive layer sizes",
+    ),
     "zero epochs": ("train:\n  epochs: 0\n", "train.epochs", "greater than or equal to 1"),
     "dropout 1": ("train:\n  dropout: 1.0\n", "train.dropout", "less than 1"),
     "beta out of range": ("train:\n  betas: [0.9, 1.5]\n", "train.betas", "[0, 1)"),
     "unknown schedule": ("train:\n  schedule: linear\n", "train.schedule", "'cosine'"),
-    "val_size too small": ("data:\n  val_size: 5\n", "data.val_size",
-                           "greater than or equal to 10"),
-    "val_size too large": ("data:\n  val_size: 50000\n", "data.val_size",
-                           "less than or equal to 30000"),
-    "augment scale order": ("train:\n  augment:\n    scale: [1.2, 0.8]\n",
-                            "train.augment.scale", "low <= high"),
+    "val_size too small": (
+        "data:\n  val_size: 5\n",
+        "data.val_size",
+        "greater than or equal to 10",
+    ),
+    "val_size too large": (
+        "data:\n  val_size: 50000\n",
+        "data.val_size",
+        "less than or equal to 30000",
+    ),
+    "augment scale order": (
+        "train:\n  augment:\n    scale: [1.2, 0.8]\n",
+        "train.augment.scale",
+        "low <= high",
+    ),
     "section not a mapping": ("train: 5\n", "train", "dictionary"),
 }
 
@@ -100,9 +112,16 @@ def _project(tmp_path, text: str, name: str = "params.yaml") -> set[Path]:
 def test_cli_stops_before_any_work(tmp_path, fake_raw, how):
     # Processed data is present, so with good params the stage would train and write files.
     from digits.data import preprocess
+
     processed = tmp_path / "data/processed"
-    preprocess(fake_raw, processed / "train.npz", processed / "test.npz",
-               tmp_path / "reports/data.json", val_size=100, seed=0)
+    preprocess(
+        fake_raw,
+        processed / "train.npz",
+        processed / "test.npz",
+        tmp_path / "reports/data.json",
+        val_size=100,
+        seed=0,
+    )
     bad = "train:\n  epochs: 1\n  lr: -0.5\n"
     if how == "pipeline-script":
         before = _project(tmp_path, bad)
@@ -123,10 +142,16 @@ def test_cli_stops_before_any_work(tmp_path, fake_raw, how):
 def test_download_stage_validates_before_network(tmp_path):
     # the mirror is a closed port: a download attempt would fail with another message
     before = _project(tmp_path, "data:\n  seed: -1\n")
-    proc = run([sys.executable, str(ROOT / "pipeline/download.py")], tmp_path, check=False,
-               env={"MNIST_MIRROR": "http://127.0.0.1:9/"}, timeout=120)
+    proc = run(
+        [sys.executable, str(ROOT / "pipeline/download.py")],
+        tmp_path,
+        check=False,
+        env={"MNIST_MIRROR": "http://127.0.0.1:9/"},
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "digits download: error: params.yaml: data.seed: input should be greater than or "
-        "equal to 0, got -1"]
+        "equal to 0, got -1"
+    ]
     assert {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} == before  # no data/raw

@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_fake_mnist, write_idx
 
-from digits.data import (DataError, check_arrays, load_split, preprocess, read_idx,
-                         read_pair)
+from conftest import make_fake_mnist, write_idx
+from digits.data import DataError, check_arrays, load_split, preprocess, read_idx, read_pair
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
@@ -37,8 +36,11 @@ def _gz(tmp_path, name: str, data: bytes):
 
 
 def _good_image_bytes() -> bytes:
-    return (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in IMAGES.shape) \
+    return (
+        (0x803).to_bytes(4, "big")
+        + b"".join(d.to_bytes(4, "big") for d in IMAGES.shape)
         + IMAGES.tobytes()
+    )
 
 
 def bad_wrong_magic(tmp_path):
@@ -101,13 +103,27 @@ def bad_missing_file(tmp_path):
 
 
 def bad_label_10(tmp_path):
-    return write_idx(tmp_path / "x-labels.gz", np.array([1, 2, 10, 3], np.uint8)), "labels", \
-        "label 10 at index 2"
+    return (
+        write_idx(tmp_path / "x-labels.gz", np.array([1, 2, 10, 3], np.uint8)),
+        "labels",
+        "label 10 at index 2",
+    )
 
 
-BAD_FILES = [bad_wrong_magic, bad_labels_as_images, bad_dimensions, bad_truncated_payload,
-             bad_trailing_bytes, bad_truncated_header, bad_truncated_gzip, bad_corrupt_gzip_data,
-             bad_corrupt_deflate_stream, bad_not_gzip, bad_missing_file, bad_label_10]
+BAD_FILES = [
+    bad_wrong_magic,
+    bad_labels_as_images,
+    bad_dimensions,
+    bad_truncated_payload,
+    bad_trailing_bytes,
+    bad_truncated_header,
+    bad_truncated_gzip,
+    bad_corrupt_gzip_data,
+    bad_corrupt_deflate_stream,
+    bad_not_gzip,
+    bad_missing_file,
+    bad_label_10,
+]
 
 
 @pytest.mark.parametrize("make_bad", BAD_FILES, ids=[f.__name__[4:] for f in BAD_FILES])
@@ -139,6 +155,7 @@ def test_check_arrays_contract():
 
 
 # --- preprocess ------------------------------------------------------------------------------
+
 
 def _outs(tmp_path):
     out = tmp_path / "out"
@@ -214,8 +231,7 @@ def _missing_class(raw):
     return "test", "expected every digit"
 
 
-@pytest.mark.parametrize("corrupt", [_corrupt_test_labels, _truncate_train_images,
-                                     _missing_class])
+@pytest.mark.parametrize("corrupt", [_corrupt_test_labels, _truncate_train_images, _missing_class])
 def test_failed_preprocess_writes_nothing(tmp_path, fake_raw, corrupt):
     culprit, words = corrupt(fake_raw)
     outs = _outs(tmp_path)

@@ -14,10 +14,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_fake_mnist, run
 
-from digits.download import (RESOURCES, DownloadError, download, mirrors_from_env,
-                             timeout_from_env)
+from conftest import ROOT, make_fake_mnist, run
+from digits.download import RESOURCES, DownloadError, download, mirrors_from_env, timeout_from_env
 
 NAMES = [name for name, _ in RESOURCES]
 MD5 = dict(RESOURCES)
@@ -124,6 +123,7 @@ def assert_only_verified(out: Path, expected: set[str]) -> None:
 
 
 # --- local folders ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scheme", ["", "file://"])
 def test_local_mirror(tmp_path, mnist_local, scheme):
@@ -243,8 +243,13 @@ def test_stage_reports_one_line_and_leaves_nothing(tmp_path, mirror):
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     bad = [mirror.url("404"), closed_port_url()]
-    proc = run([sys.executable, str(ROOT / "pipeline/download.py")], tmp_path, check=False,
-               env={"MNIST_MIRROR": ",".join(bad), "MNIST_TIMEOUT": "2"}, timeout=120)
+    proc = run(
+        [sys.executable, str(ROOT / "pipeline/download.py")],
+        tmp_path,
+        check=False,
+        env={"MNIST_MIRROR": ",".join(bad), "MNIST_TIMEOUT": "2"},
+        timeout=120,
+    )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("digits ")]
     assert len(errors) == 1, proc.stderr

@@ -11,13 +11,13 @@ import shutil
 import mlflow
 import pytest
 import torch
-from conftest import make_fake_mnist
 from mlflow.tracking import MlflowClient
 
+from conftest import make_fake_mnist
 from digits import evaluate, gate
 from digits.config import parse_params
 from digits.data import preprocess
-from digits.files import GATE_REPORT, MODEL, RUN_INFO, TEST_DATA, TRAIN_DATA, DATA_SUMMARY
+from digits.files import DATA_SUMMARY, GATE_REPORT, MODEL, RUN_INFO, TEST_DATA, TRAIN_DATA
 from digits.model import build_mlp, save_model
 from digits.train import run as train_run
 
@@ -36,13 +36,19 @@ def workspace(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the env
     raw = make_fake_mnist(tmp_path / "data/raw", n_train=1000, n_test=500)
     preprocess(raw, TRAIN_DATA, TEST_DATA, DATA_SUMMARY, val_size=100, seed=0)
-    params = parse_params({
-        "train": {"epochs": 4, "batch_size": 32, "hidden_sizes": [32, 16], "lr": 0.01},
-        "evaluate": {"misclassified_shown": 6},
-        # absolute gates the crippled model (~90%) passes, so only the drop gate can stop it
-        "gates": {"min_accuracy": 0.85, "max_loss": 100.0, "min_class_recall": 0.0,
-                  "max_accuracy_drop": 0.002},
-    })
+    params = parse_params(
+        {
+            "train": {"epochs": 4, "batch_size": 32, "hidden_sizes": [32, 16], "lr": 0.01},
+            "evaluate": {"misclassified_shown": 6},
+            # absolute gates the crippled model (~90%) passes, so only the drop gate can stop it
+            "gates": {
+                "min_accuracy": 0.85,
+                "max_loss": 100.0,
+                "min_class_recall": 0.0,
+                "max_accuracy_drop": 0.002,
+            },
+        }
+    )
     train_run(params)
     shutil.copy(MODEL, GOOD)
     return tmp_path, params
@@ -51,6 +57,7 @@ def workspace(tmp_path, monkeypatch):
 def register(params, variant: str) -> str:
     """Register the trained model ('good'), or a variant of it, as a new version."""
     from digits.model import load_model
+
     model = load_model(GOOD)
     if variant == "crippled":  # never predicts 9
         with torch.no_grad():
@@ -110,6 +117,7 @@ def test_promotion_sequence(workspace):
     # the champion alias is what predict and serving load
     import mlflow.pyfunc
     import numpy as np
+
     with np.load(TEST_DATA) as f:
         x = f["test_x"][:5].astype(np.float32) / 255
     assert mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(x).shape == (5, 10)
@@ -127,8 +135,10 @@ def test_first_version_failing_absolute_gate_leaves_no_champion(workspace):
 
 def test_gate_command_exits_nonzero_naming_gates(workspace, capsys):
     _, params = workspace
-    from digits.cli import run_command
     import yaml
+
+    from digits.cli import run_command
+
     register(params, "garbage")
     (workspace[0] / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     capsys.readouterr()  # drop what registering printed

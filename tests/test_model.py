@@ -23,12 +23,18 @@ def test_default_architecture():
     model = build_mlp(SIZES)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
-        (784, 256), (256, 128), (128, 64), (64, 32), (32, 10)]
+        (784, 256),
+        (256, 128),
+        (128, 64),
+        (64, 32),
+        (32, 10),
+    ]
     # Linear, ReLU, Linear, ReLU, ... Linear: ReLU between layers, nothing after the last
     kinds = [type(m) for m in model]
     assert kinds == [nn.Linear, nn.ReLU] * 4 + [nn.Linear]
-    assert count_parameters(model) == sum(i * o + o for i, o in
-                                          [(784, 256), (256, 128), (128, 64), (64, 32), (32, 10)])
+    assert count_parameters(model) == sum(
+        i * o + o for i, o in [(784, 256), (256, 128), (128, 64), (64, 32), (32, 10)]
+    )
 
 
 def test_dropout_layers():
@@ -59,8 +65,10 @@ def test_save_load_roundtrip(tmp_path):
     save_model(model, path, (32, 16), 0.25)
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp left
     with safe_open(str(path), "pt") as f:
-        assert json.loads(f.metadata()["architecture"]) == {"hidden_sizes": [32, 16],
-                                                              "dropout": 0.25}
+        assert json.loads(f.metadata()["architecture"]) == {
+            "hidden_sizes": [32, 16],
+            "dropout": 0.25,
+        }
     loaded = load_model(path)
     assert not loaded.training  # eval mode: dropout off
     assert [type(m) for m in loaded] == [type(m) for m in model]
@@ -104,12 +112,23 @@ def _foreign_safetensors(path):  # valid safetensors, not ours: no architecture 
 
 
 def _mismatched_weights(path):  # our header, but the tensors of another network
-    save_file(build_mlp((16,)).state_dict(), str(path),
-              metadata={"architecture": json.dumps({"hidden_sizes": [8], "dropout": 0.0})})
+    save_file(
+        build_mlp((16,)).state_dict(),
+        str(path),
+        metadata={"architecture": json.dumps({"hidden_sizes": [8], "dropout": 0.0})},
+    )
 
 
-BAD_MODELS = [_pickle_file, _pickled_state_dict, _plain_pickle, _empty, _text, _truncated,
-              _foreign_safetensors, _mismatched_weights]
+BAD_MODELS = [
+    _pickle_file,
+    _pickled_state_dict,
+    _plain_pickle,
+    _empty,
+    _text,
+    _truncated,
+    _foreign_safetensors,
+    _mismatched_weights,
+]
 
 
 @pytest.mark.parametrize("plant", BAD_MODELS, ids=[f.__name__[1:] for f in BAD_MODELS])

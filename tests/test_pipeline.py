@@ -8,6 +8,7 @@ import json
 import mlflow
 import numpy as np
 import pytest
+
 from conftest import dvc, make_project, project_env, run, set_params
 
 pytestmark = pytest.mark.slow
@@ -18,8 +19,15 @@ EPOCHS = 3  # enough to learn MNIST well past chance; the default run is CI's ow
 def repro(tmp_path_factory, mnist_http):
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     # 3 epochs reach ~97%: relax the absolute gates so the short run is promoted
-    set_params(project, **{"train.epochs": EPOCHS, "gates.min_accuracy": 0.95,
-                           "gates.min_class_recall": 0.9, "gates.max_loss": 0.5})
+    set_params(
+        project,
+        **{
+            "train.epochs": EPOCHS,
+            "gates.min_accuracy": 0.95,
+            "gates.min_class_recall": 0.9,
+            "gates.max_loss": 0.5,
+        },
+    )
     run(["git", "commit", "-qam", "short run"], project)
     env = project_env(project, mnist_http)
     first = dvc(project, "repro", env=env)
@@ -31,8 +39,12 @@ def test_stages_write_their_outputs(repro):
     for stage in ("download", "preprocess", "train", "evaluate", "gate"):
         assert f"Running stage '{stage}'" in first.stdout
     raw = sorted(p.name for p in (project / "data/raw").iterdir())
-    assert raw == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                   "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert raw == [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ]
     with np.load(project / "data/processed/train.npz") as f:
         assert f["train_x"].shape == (55000, 784) and f["train_x"].dtype == np.uint8
         assert f["val_x"].shape == (5000, 784)
@@ -71,8 +83,9 @@ def test_mlflow_run_and_registered_model(repro):
     history = mlflow.MlflowClient().get_metric_history(info["run_id"], "val_accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(info["run_id"], "figures")}
-    assert artifacts == {f"figures/{n}.png" for n in
-                         ("training_curves", "confusion_matrix", "misclassified")}
+    assert artifacts == {
+        f"figures/{n}.png" for n in ("training_curves", "confusion_matrix", "misclassified")
+    }
     # the artifact store is an absolute folder at the project root, not the run's cwd
     exp = mlflow.get_experiment(info["experiment_id"])
     assert exp.artifact_location == (project / "mlartifacts").as_uri()
@@ -100,8 +113,14 @@ def test_forced_rerun_is_bit_identical(repro):
     """`dvc repro --force` retrains from scratch: same params, same machine -> the same model
     bytes, history and metrics (only the MLflow run and version are new)."""
     project, env, _ = repro
-    files = ["models/model.safetensors", "reports/train_history.csv", "reports/metrics.json",
-             "reports/predictions.csv", "data/processed/train.npz", "data/processed/test.npz"]
+    files = [
+        "models/model.safetensors",
+        "reports/train_history.csv",
+        "reports/metrics.json",
+        "reports/predictions.csv",
+        "data/processed/train.npz",
+        "data/processed/test.npz",
+    ]
     before = {f: (project / f).read_bytes() for f in files}
     version_before = json.loads((project / "reports/mlflow_run.json").read_text())["version"]
     out = dvc(project, "repro", "--force", env=env).stdout
@@ -130,8 +149,19 @@ def test_bad_training_stops_at_the_gate(repro):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("mnist-mlp", "champion").version
-    proc = dvc(project, "exp", "run", "-n", "bad-lr", "-S", "train.epochs=1",
-               "-S", "train.lr=1.0", env=env, check=False)
+    proc = dvc(
+        project,
+        "exp",
+        "run",
+        "-n",
+        "bad-lr",
+        "-S",
+        "train.epochs=1",
+        "-S",
+        "train.lr=1.0",
+        env=env,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Running stage 'gate'" in out and "digits gate: error: failed gates: min_accuracy" in out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import dvc, make_fake_mnist, make_project, project_env, set_params
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see test_train.py
@@ -30,6 +31,7 @@ def closed_port_url() -> str:
 
 # --- a tracking server that is down, in a real `dvc repro` -----------------------------------
 # (`dvc repro evaluate`: stages after evaluate, if any, are not this test's business)
+
 
 @pytest.mark.slow
 def test_unreachable_server_fails_fast_and_retry_reruns_only_evaluate(tmp_path, mnist_http):
@@ -75,6 +77,7 @@ def test_unreachable_server_fails_fast_and_retry_reruns_only_evaluate(tmp_path, 
 
 # --- two pipelines, one fresh SQLite store ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def evaluate_ready(tmp_path_factory) -> Path:
     """A project folder where the evaluate stage can run: fake data, a model trained on it."""
@@ -89,17 +92,30 @@ def evaluate_ready(tmp_path_factory) -> Path:
     raw = make_fake_mnist(root.parent / "raw")
     (root / "dvc.yaml").parent.mkdir(parents=True)
     (root / "dvc.yaml").write_text("stages: {}\n")
-    (root / "params.yaml").write_text(yaml.safe_dump(
-        {"data": {"val_size": 100}, "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
-         "evaluate": {"misclassified_shown": 6}}))
-    preprocess(raw, root / "data/processed/train.npz", root / "data/processed/test.npz",
-               root / "reports/data.json", val_size=100, seed=0)
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"val_size": 100},
+                "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
+                "evaluate": {"misclassified_shown": 6},
+            }
+        )
+    )
+    preprocess(
+        raw,
+        root / "data/processed/train.npz",
+        root / "data/processed/test.npz",
+        root / "reports/data.json",
+        val_size=100,
+        seed=0,
+    )
     p = parse_params(yaml.safe_load((root / "params.yaml").read_text())).train
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = train(p, *load_split(root / "data/processed/train.npz", "train", "val"),
-                       progress=False)
+        result = train(
+            p, *load_split(root / "data/processed/train.npz", "train", "val"), progress=False
+        )
     finally:
         torch.set_num_threads(threads)
     save_model(result.model, root / "models/model.safetensors", p.hidden_sizes, p.dropout)
@@ -118,9 +134,17 @@ def test_two_pipelines_share_a_fresh_sqlite_store(tmp_path, evaluate_ready):
         shutil.copytree(evaluate_ready, clone)
         clones.append(clone)
     env = {**os.environ, **ONE_THREAD, "MLFLOW_TRACKING_URI": uri}
-    procs = [subprocess.Popen([sys.executable, "-m", "digits.cli", "evaluate"], cwd=c, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in clones]  # started together: both find no store, both want to create it
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "digits.cli", "evaluate"],
+            cwd=c,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in clones
+    ]  # started together: both find no store, both want to create it
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
     for rc, out, err in results:
         assert rc == 0, f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
@@ -162,19 +186,27 @@ def test_hung_server_fails_within_30_seconds(tmp_path, evaluate_ready):
     env = {**os.environ, **ONE_THREAD, "MLFLOW_TRACKING_URI": uri}
     try:
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "digits.cli", "evaluate"], cwd=clone,
-                              env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "digits.cli", "evaluate"],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         elapsed = time.monotonic() - t0
     finally:
         hung.close()
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"digits evaluate: error: MLflow tracking server {uri} is "
-                                "unreachable (timed out)"), proc.stderr
+    assert lines[0].startswith(
+        f"digits evaluate: error: MLflow tracking server {uri} is unreachable (timed out)"
+    ), proc.stderr
     assert "Traceback" not in proc.stderr
     assert elapsed < 30, f"took {elapsed:.1f}s"
     assert not (clone / "reports/mlflow_run.json").exists()
     # the inputs are kept for the rerun
-    assert (clone / "models/model.safetensors").read_bytes() == \
-        (evaluate_ready / "models/model.safetensors").read_bytes()
+    assert (clone / "models/model.safetensors").read_bytes() == (
+        evaluate_ready / "models/model.safetensors"
+    ).read_bytes()

@@ -15,13 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_fake_mnist, run
 
+from conftest import make_fake_mnist, run
 from digits.config import TrainParams, parse_params
 from digits.data import file_digest, load_split, preprocess
 from digits.model import save_model
-from digits.train import (HISTORY_FIELDS, CheckpointError, fingerprint, read_history, train,
-                          write_history)
+from digits.train import (
+    HISTORY_FIELDS,
+    CheckpointError,
+    fingerprint,
+    read_history,
+    train,
+    write_history,
+)
 
 # Two OpenMP threads per process on a busy 2-core machine spin against each other and make
 # small-batch training 10-100x slower; one thread keeps these tests fast and is just as exact.
@@ -108,13 +114,13 @@ def test_in_process_resume_matches(tmp_path, tensors):
     assert state["epoch"] == 2 and state["fingerprint"] == "run-a"
     again = train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
     assert again.resumed_from_epoch == 2
-    for (k, v), (k2, v2) in zip(full.model.state_dict().items(),
-                                again.model.state_dict().items()):
+    for (k, v), (k2, v2) in zip(full.model.state_dict().items(), again.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     assert no_seconds(again.history) == no_seconds(full.history)
 
 
 # --- checkpoints that must be refused --------------------------------------------------------
+
 
 class Payload:
     """Unpickling this runs code: it writes a marker file. torch.load(weights_only=True) must
@@ -128,8 +134,9 @@ class Payload:
 
 
 def _raw_pickle(path: Path, marker: Path) -> None:
-    path.write_bytes(pickle.dumps({"fingerprint": "run-a", "epoch": 1, "x": Payload(marker)},
-                                  protocol=2))
+    path.write_bytes(
+        pickle.dumps({"fingerprint": "run-a", "epoch": 1, "x": Payload(marker)}, protocol=2)
+    )
 
 
 def _torch_saved(path: Path, marker: Path) -> None:
@@ -191,13 +198,16 @@ def test_fingerprint_covers_params_and_data():
 
 # --- the stage as a process: refusal and resume after SIGKILL --------------------------------
 
+
 def make_stage_dir(root: Path, processed: Path, train_params: dict) -> Path:
     """What the train stage needs: a project root (dvc.yaml), params.yaml, processed data."""
     import yaml
+
     root.mkdir(parents=True)
     (root / "dvc.yaml").write_text("stages: {}\n")
-    (root / "params.yaml").write_text(yaml.safe_dump(
-        {"data": {"val_size": 100}, "train": {"device": "cpu", **train_params}}))
+    (root / "params.yaml").write_text(
+        yaml.safe_dump({"data": {"val_size": 100}, "train": {"device": "cpu", **train_params}})
+    )
     (root / "data/processed").mkdir(parents=True)
     shutil.copy2(processed / "train.npz", root / "data/processed/train.npz")
     return root
@@ -205,6 +215,7 @@ def make_stage_dir(root: Path, processed: Path, train_params: dict) -> Path:
 
 def stage_checkpoint(root: Path) -> Path:
     from digits.config import load_params
+
     p = load_params(root / "params.yaml").train
     run_id = fingerprint(p, file_digest(root / "data/processed/train.npz"))
     return root / ".checkpoints" / f"train-{run_id[:16]}.pt"
@@ -216,8 +227,13 @@ def test_stage_refuses_planted_checkpoint(tmp_path, processed):
     ckpt.parent.mkdir()
     marker = tmp_path / "marker"
     _torch_saved(ckpt, marker)
-    proc = run([sys.executable, "-m", "digits.cli", "train"], root, env=ONE_THREAD,
-               check=False, timeout=300)
+    proc = run(
+        [sys.executable, "-m", "digits.cli", "train"],
+        root,
+        env=ONE_THREAD,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -238,8 +254,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, processed):
     env = {**os.environ, **ONE_THREAD}
     cmd = [sys.executable, "-m", "digits.cli", "train"]
     with open(tmp_path / "ref.log", "w") as ref_log, open(tmp_path / "victim.log", "w") as vlog:
-        reference = subprocess.Popen(cmd, cwd=ref, env=env, stdout=ref_log,
-                                     stderr=subprocess.STDOUT)
+        reference = subprocess.Popen(
+            cmd, cwd=ref, env=env, stdout=ref_log, stderr=subprocess.STDOUT
+        )
         proc = subprocess.Popen(cmd, cwd=victim, env=env, stdout=vlog, stderr=subprocess.STDOUT)
         try:
             ckpt = stage_checkpoint(victim)

@@ -17,8 +17,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from digits.data import DataError
     from digits.download import DownloadError
     from digits.gate import GateFailed
-    from digits.train import CheckpointError
     from digits.tracking import TrackingError
+    from digits.train import CheckpointError
+
     return DataError, DownloadError, CheckpointError, TrackingError, GateFailed, ValueError
 
 
@@ -26,6 +27,7 @@ def stage_download(params) -> None:
     """fetch the four MNIST .gz files (MNIST_MIRROR) into data/raw, MD5-checked"""
     from digits.download import download
     from digits.files import RAW_DIR
+
     download(RAW_DIR)
 
 
@@ -33,26 +35,31 @@ def stage_preprocess(params) -> None:
     """parse IDX, split off the validation set, write data/processed"""
     from digits.data import preprocess
     from digits.files import DATA_SUMMARY, RAW_DIR, TEST_DATA, TRAIN_DATA
-    summary = preprocess(RAW_DIR, TRAIN_DATA, TEST_DATA, DATA_SUMMARY,
-                         params.data.val_size, params.data.seed)
+
+    summary = preprocess(
+        RAW_DIR, TRAIN_DATA, TEST_DATA, DATA_SUMMARY, params.data.val_size, params.data.seed
+    )
     print("preprocess: " + ", ".join(f"{k} {v['count']}" for k, v in summary.items()))
 
 
 def stage_train(params) -> None:
     """train the network, write models/model.safetensors and the history"""
     from digits.train import run
+
     run(params)
 
 
 def stage_evaluate(params) -> None:
     """test metrics, figures, MLflow run and a new registered model version"""
     from digits.evaluate import run
+
     run(params)
 
 
 def stage_gate(params) -> None:
     """check the new version against the gates and @champion; promote or reject"""
     from digits.gate import run
+
     run(params)
 
 
@@ -85,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     # --params is accepted before or after the command: `digits --params p.yaml train`
     # or `digits train --params p.yaml`
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default=argparse.SUPPRESS,
-                        help="params file (default: params.yaml)")
-    parser = argparse.ArgumentParser(prog="digits", description="Run one stage of the MNIST pipeline, as `dvc repro` does.",
-                                     parents=[common])
+    common.add_argument(
+        "--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="digits",
+        description="Run one stage of the MNIST pipeline, as `dvc repro` does.",
+        parents=[common],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         sub.add_parser(name, parents=[common], help=fn.__doc__)

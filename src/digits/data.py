@@ -41,9 +41,10 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
     got_magic = int.from_bytes(raw[:4], "big")
     if got_magic != magic:
-        raise DataError(f"{path}: wrong magic number 0x{got_magic:08x}, "
-                        f"expected 0x{magic:08x} (IDX {kind})")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        raise DataError(
+            f"{path}: wrong magic number 0x{got_magic:08x}, expected 0x{magic:08x} (IDX {kind})"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if kind == "images" and dims[1:] != [ROWS, COLS]:
         raise DataError(f"{path}: wrong dimensions {dims}, expected [N, {ROWS}, {COLS}]")
     expected = int(np.prod(dims))
@@ -90,13 +91,15 @@ def save_arrays(path: Path, **arrays: np.ndarray) -> None:
             np.savez(f, **arrays)
 
 
-def preprocess(raw_dir: Path, train_out: Path, test_out: Path, summary_out: Path,
-               val_size: int, seed: int) -> dict:
+def preprocess(
+    raw_dir: Path, train_out: Path, test_out: Path, summary_out: Path, val_size: int, seed: int
+) -> dict:
     x, y = read_pair(raw_dir, "train")
     test_x, test_y = read_pair(raw_dir, "t10k")
     if not 0 < val_size < len(x):
-        raise DataError(f"params.yaml: data.val_size: {val_size} must be below the "
-                        f"{len(x)} training images")
+        raise DataError(
+            f"params.yaml: data.val_size: {val_size} must be below the {len(x)} training images"
+        )
     train_x, val_x, train_y, val_y = split(x, y, val_size, seed)
     parts = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
     for name, (px, py) in parts.items():
@@ -109,8 +112,11 @@ def preprocess(raw_dir: Path, train_out: Path, test_out: Path, summary_out: Path
     save_arrays(train_out, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
     save_arrays(test_out, test_x=test_x, test_y=test_y)
     summary = {
-        name: {"count": len(py), "class_counts": np.bincount(py, minlength=NUM_CLASSES).tolist(),
-               "pixel_mean": round(float(px.mean()) / 255, 6)}
+        name: {
+            "count": len(py),
+            "class_counts": np.bincount(py, minlength=NUM_CLASSES).tolist(),
+            "pixel_mean": round(float(px.mean()) / 255, 6),
+        }
         for name, (px, py) in parts.items()
     }
     write_text(summary_out, json.dumps(summary, indent=2) + "\n")

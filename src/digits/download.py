@@ -74,8 +74,9 @@ def _fetch(mirror: str, name: str, md5: str, tmp_dir: Path, timeout: float) -> P
     return target
 
 
-def download(out_dir: str | Path, mirrors: list[str] | None = None,
-             timeout: float | None = None, log=print) -> list[Path]:
+def download(
+    out_dir: str | Path, mirrors: list[str] | None = None, timeout: float | None = None, log=print
+) -> list[Path]:
     """Make out_dir hold the four verified files; return their paths.
 
     Files already present with the right MD5 are kept without touching the network. For each
@@ -108,8 +109,9 @@ def download(out_dir: str | Path, mirrors: list[str] | None = None,
                 log(f"download: {name} from {mirror} (md5 ok)")
                 break
         else:
-            raise DownloadError(f"could not download {name}: every mirror failed: "
-                                + "; ".join(failures))
+            raise DownloadError(
+                f"could not download {name}: every mirror failed: " + "; ".join(failures)
+            )
     return paths
 
 

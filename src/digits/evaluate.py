@@ -8,12 +8,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from digits.files import atomic_path, write_text  # noqa: E402
+from digits.files import atomic_path, write_text
 
 CLASSES = list(range(10))
 
@@ -22,14 +21,21 @@ def compute_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict:
     pred = logits.argmax(1).numpy()
     true = y.numpy()
     precision, recall, _, _ = precision_recall_fscore_support(
-        true, pred, labels=CLASSES, zero_division=0)
+        true, pred, labels=CLASSES, zero_division=0
+    )
     return {
         "accuracy": round(float((pred == true).mean()), 6),
         "loss": round(float(torch.nn.functional.cross_entropy(logits, y)), 6),
-        "macro_f1": round(float(f1_score(true, pred, labels=CLASSES, average="macro",
-                                         zero_division=0)), 6),
-        "per_class": {str(c): {"precision": round(float(precision[c]), 6),
-                               "recall": round(float(recall[c]), 6)} for c in CLASSES},
+        "macro_f1": round(
+            float(f1_score(true, pred, labels=CLASSES, average="macro", zero_division=0)), 6
+        ),
+        "per_class": {
+            str(c): {
+                "precision": round(float(precision[c]), 6),
+                "recall": round(float(recall[c]), 6),
+            }
+            for c in CLASSES
+        },
     }
 
 
@@ -73,17 +79,30 @@ def plot_confusion(y: torch.Tensor, pred: torch.Tensor, path: Path) -> Path:
     for i in CLASSES:
         for j in CLASSES:
             if cm[i, j]:
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
-                        color="white" if i == j else "black")
-    ax.set(xticks=CLASSES, yticks=CLASSES, xlabel="predicted", ylabel="actual",
-           title="confusion matrix (test set)")
+                ax.text(
+                    j,
+                    i,
+                    cm[i, j],
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if i == j else "black",
+                )
+    ax.set(
+        xticks=CLASSES,
+        yticks=CLASSES,
+        xlabel="predicted",
+        ylabel="actual",
+        title="confusion matrix (test set)",
+    )
     fig.colorbar(im, ax=ax, label="count + 1 (log)")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_misclassified(x: torch.Tensor, y: torch.Tensor, probs: torch.Tensor, shown: int,
-                       path: Path) -> Path:
+def plot_misclassified(
+    x: torch.Tensor, y: torch.Tensor, probs: torch.Tensor, shown: int, path: Path
+) -> Path:
     pred = probs.argmax(1)
     wrong = torch.nonzero(pred != y).flatten()[:shown].tolist()
     cols = 6
@@ -93,8 +112,9 @@ def plot_misclassified(x: torch.Tensor, y: torch.Tensor, probs: torch.Tensor, sh
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(x[i].view(28, 28).numpy(), cmap="gray_r")
-        ax.set_title(f"#{i}: {int(y[i])}→{int(pred[i])} ({float(probs[i, pred[i]]):.2f})",
-                     fontsize=8)
+        ax.set_title(
+            f"#{i}: {int(y[i])}→{int(pred[i])} ({float(probs[i, pred[i]]):.2f})", fontsize=8
+        )
     fig.suptitle(f"misclassified test digits (first {len(wrong)}: true→predicted (p))")
     fig.tight_layout()
     return _save(fig, path)
@@ -118,12 +138,19 @@ def run(params) -> dict:
     figures = [
         plot_history(history, FIGURES / "training_curves.png"),
         plot_confusion(test_y, pred, FIGURES / "confusion_matrix.png"),
-        plot_misclassified(test_x, test_y, probs, params.evaluate.misclassified_shown,
-                           FIGURES / "misclassified.png"),
+        plot_misclassified(
+            test_x,
+            test_y,
+            probs,
+            params.evaluate.misclassified_shown,
+            FIGURES / "misclassified.png",
+        ),
     ]
     write_predictions(PREDICTIONS, test_y, pred)
     write_metrics(METRICS, metrics)
-    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
-          f"macro F1 {metrics['macro_f1']:.4f}")
+    print(
+        f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
+        f"macro F1 {metrics['macro_f1']:.4f}"
+    )
     tracking.log_pipeline_run(params, metrics, history, figures, model, test_x[:2])
     return metrics

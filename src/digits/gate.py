@@ -44,6 +44,7 @@ class Check:
 def score(model_uri: str, x: np.ndarray, y: np.ndarray) -> dict:
     """Load a registered model with pyfunc (probabilities out) and score it on (x, y)."""
     import mlflow.pyfunc
+
     probs = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(x), dtype=np.float64)
     pred = probs.argmax(1)
     recall = [float((pred[y == c] == c).mean()) for c in range(10)]
@@ -59,36 +60,59 @@ def checks(gates, new: dict, champion: dict | None, champion_version: str | None
     out = [
         Check("min_accuracy", "accuracy", new["accuracy"], gates.min_accuracy, ">="),
         Check("max_loss", "loss", new["loss"], gates.max_loss, "<="),
-        Check("min_class_recall", f"recall of digit {new['worst_class']} (worst)",
-              new["min_class_recall"], gates.min_class_recall, ">="),
+        Check(
+            "min_class_recall",
+            f"recall of digit {new['worst_class']} (worst)",
+            new["min_class_recall"],
+            gates.min_class_recall,
+            ">=",
+        ),
     ]
     if champion is not None:
-        out.append(Check("max_accuracy_drop", "accuracy vs champion",
-                         new["accuracy"], champion["accuracy"] - gates.max_accuracy_drop, ">=",
-                         f"champion v{champion_version}: {champion['accuracy']:.4f}, "
-                         f"drop allowed {gates.max_accuracy_drop}"))
+        out.append(
+            Check(
+                "max_accuracy_drop",
+                "accuracy vs champion",
+                new["accuracy"],
+                champion["accuracy"] - gates.max_accuracy_drop,
+                ">=",
+                f"champion v{champion_version}: {champion['accuracy']:.4f}, "
+                f"drop allowed {gates.max_accuracy_drop}",
+            )
+        )
     return out
 
 
-def report(name: str, version: str, results: list[Check], champion_version: str | None,
-           promoted: bool) -> str:
+def report(
+    name: str, version: str, results: list[Check], champion_version: str | None, promoted: bool
+) -> str:
     lines = [f"# Gate report: {name} version {version}", ""]
     lines.append("| gate | metric | value | threshold | result |")
     lines.append("|---|---|---|---|---|")
     for c in results:
         limit = f"{c.op} {c.threshold:.4f}" + (f" ({c.note})" if c.note else "")
-        lines.append(f"| {c.gate} | {c.metric} | {c.value:.4f} | {limit} | "
-                     f"{'pass' if c.passed else 'FAIL'} |")
+        lines.append(
+            f"| {c.gate} | {c.metric} | {c.value:.4f} | {limit} | "
+            f"{'pass' if c.passed else 'FAIL'} |"
+        )
     lines.append("")
     failed = [c for c in results if not c.passed]
     if failed:
-        lines.append(f"**REJECTED**: {len(failed)} gate(s) failed: "
-                     + ", ".join(c.gate for c in failed) + ". The champion is unchanged"
-                     + (f" (version {champion_version})." if champion_version else " (none)."))
+        lines.append(
+            f"**REJECTED**: {len(failed)} gate(s) failed: "
+            + ", ".join(c.gate for c in failed)
+            + ". The champion is unchanged"
+            + (f" (version {champion_version})." if champion_version else " (none).")
+        )
     elif promoted:
-        lines.append(f"**APPROVED**: version {version} is now `@{CHAMPION}`"
-                     + (f"; version {champion_version} is `@{PREVIOUS}`." if champion_version
-                        else " (the first champion)."))
+        lines.append(
+            f"**APPROVED**: version {version} is now `@{CHAMPION}`"
+            + (
+                f"; version {champion_version} is `@{PREVIOUS}`."
+                if champion_version
+                else " (the first champion)."
+            )
+        )
     else:
         lines.append(f"**APPROVED**: version {version} was already `@{CHAMPION}`.")
     return "\n".join(lines) + "\n"
@@ -125,16 +149,22 @@ def run(params) -> list[Check]:
     with tracking.store_lock():
         if failed:
             client.set_model_version_tag(name, version, "validation_status", "rejected")
-            client.set_model_version_tag(name, version, "validation_reasons",
-                                         "; ".join(c.reason() for c in failed))
+            client.set_model_version_tag(
+                name, version, "validation_reasons", "; ".join(c.reason() for c in failed)
+            )
         else:
             client.set_model_version_tag(name, version, "validation_status", "approved")
             if not already:
                 if champ_version is not None:
                     client.set_registered_model_alias(name, PREVIOUS, champ_version)
                 client.set_registered_model_alias(name, CHAMPION, version)
-    text = report(name, version, results, None if already else champ_version,
-                  promoted=not failed and not already)
+    text = report(
+        name,
+        version,
+        results,
+        None if already else champ_version,
+        promoted=not failed and not already,
+    )
     write_text(GATE_REPORT, text)
     print(text)
     if failed:

@@ -66,8 +66,10 @@ def load_model(path: str | Path) -> nn.Sequential:
         model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as e:  # header and tensors disagree
         detail = " ".join(str(e).split())[:300]  # one line for the CLI
-        raise ValueError(f"{path}: not a model written by digits (its weights do not match "
-                         f"the architecture in its header: {detail})") from None
+        raise ValueError(
+            f"{path}: not a model written by digits (its weights do not match "
+            f"the architecture in its header: {detail})"
+        ) from None
     return model.eval()
 
 

@@ -28,9 +28,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
-import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
 
 class TrackingError(Exception):
@@ -57,6 +57,7 @@ def store_lock(uri: str | None = None) -> Iterator[None]:
         yield
         return
     from filelock import FileLock
+
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock", timeout=600):
         yield
@@ -69,8 +70,10 @@ def _check_reachable(uri: str) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); the "
-                            "stage's inputs are kept, rerun once it is up") from None
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); the "
+            "stage's inputs are kept, rerun once it is up"
+        ) from None
 
 
 def connect(experiment: str) -> str:
@@ -82,8 +85,7 @@ def connect(experiment: str) -> str:
         try:
             exp = mlflow.get_experiment_by_name(experiment)
             if exp is None:
-                return mlflow.create_experiment(experiment,
-                                                artifact_location=artifact_location())
+                return mlflow.create_experiment(experiment, artifact_location=artifact_location())
             return exp.experiment_id
         except mlflow.exceptions.MlflowException as e:
             raise TrackingError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
@@ -91,15 +93,21 @@ def connect(experiment: str) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=repo_root(), timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=repo_root(),
+            timeout=10,
+        )
     except OSError:
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def log_pipeline_run(params, metrics: dict, history: list[dict], figures: list[Path],
-                     model, example) -> dict:
+def log_pipeline_run(
+    params, metrics: dict, history: list[dict], figures: list[Path], model, example
+) -> dict:
     """One MLflow run for this pipeline run: params, per-epoch metrics (step = epoch), test
     metrics, figures, tags, and the model (pt2) registered as a new version. Returns the ids,
     also written to reports/mlflow_run.json for the stages after this one."""
@@ -119,41 +127,67 @@ def log_pipeline_run(params, metrics: dict, history: list[dict], figures: list[P
         "data.test_sha256": file_digest(TEST_DATA),
     }
     now = int(time.time() * 1000)
-    epoch_metrics = [Metric(k, float(v), now, int(row["epoch"]))
-                     for row in history for k, v in row.items() if k != "epoch"]
-    test_metrics = [Metric(f"test_{k}", float(v), now, 0)
-                    for k, v in metrics.items() if not isinstance(v, dict)]
-    test_metrics += [Metric(f"test_{m}_{c}", float(v), now, 0)
-                     for c, pc in metrics["per_class"].items() for m, v in pc.items()]
+    epoch_metrics = [
+        Metric(k, float(v), now, int(row["epoch"]))
+        for row in history
+        for k, v in row.items()
+        if k != "epoch"
+    ]
+    test_metrics = [
+        Metric(f"test_{k}", float(v), now, 0) for k, v in metrics.items() if not isinstance(v, dict)
+    ]
+    test_metrics += [
+        Metric(f"test_{m}_{c}", float(v), now, 0)
+        for c, pc in metrics["per_class"].items()
+        for m, v in pc.items()
+    ]
     client = MlflowClient(uri)
     with store_lock(uri):
         try:
-            run = client.create_run(experiment_id, run_name=tags["dvc_exp_name"] or None,
-                                    tags={**tags, "mlflow.source.name": "dvc repro"})
+            run = client.create_run(
+                experiment_id,
+                run_name=tags["dvc_exp_name"] or None,
+                tags={**tags, "mlflow.source.name": "dvc repro"},
+            )
             run_id = run.info.run_id
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in
-                                             flat_params(params).items()],
-                             tags=[RunTag(k, v) for k, v in tags.items()])
+            client.log_batch(
+                run_id,
+                params=[Param(k, str(v)) for k, v in flat_params(params).items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
             for i in range(0, len(epoch_metrics), 900):  # log_batch takes 1000 at most
-                client.log_batch(run_id, metrics=epoch_metrics[i:i + 900])
+                client.log_batch(run_id, metrics=epoch_metrics[i : i + 900])
             client.log_batch(run_id, metrics=test_metrics)
             for fig in figures:
                 client.log_artifact(run_id, str(fig), "figures")
             client.log_artifact(run_id, str(MODEL), "weights")
             with mlflow.start_run(run_id=run_id):  # ends the run as FINISHED on exit
                 info = mlflow.pytorch.log_model(
-                    Probabilities(model).eval(), name="model",
-                    input_example=example.numpy(), serialization_format="pt2",
-                    registered_model_name=name, await_registration_for=60,
-                    pip_requirements=_pip_requirements())
+                    Probabilities(model).eval(),
+                    name="model",
+                    input_example=example.numpy(),
+                    serialization_format="pt2",
+                    registered_model_name=name,
+                    await_registration_for=60,
+                    pip_requirements=_pip_requirements(),
+                )
             version = str(info.registered_model_version)
-            for k, v in {**tags, "test_accuracy": str(metrics["accuracy"]),
-                         "run_id": run_id}.items():
+            for k, v in {
+                **tags,
+                "test_accuracy": str(metrics["accuracy"]),
+                "run_id": run_id,
+            }.items():
                 client.set_model_version_tag(name, version, k, v)
         except mlflow.exceptions.MlflowException as e:
             raise TrackingError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
-    out = {"run_id": run_id, "experiment_id": experiment_id, "registered_model": name,
-           "version": version, "model_uri": f"models:/{name}/{version}", "tracking_uri": uri}
+    out = {
+        "run_id": run_id,
+        "experiment_id": experiment_id,
+        "registered_model": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "tracking_uri": uri,
+    }
     write_text(RUN_INFO, json.dumps(out, indent=2) + "\n")
     print(f"evaluate: MLflow run {run_id}; registered {name} version {version}")
     return out
@@ -163,4 +197,5 @@ def _pip_requirements() -> list[str]:
     # Pin what loading the model needs, so MLflow need not infer it (slow: it imports and
     # re-runs the model in a subprocess).
     import torch
+
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]

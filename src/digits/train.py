@@ -44,8 +44,8 @@ def make_augment(p: AugmentParams):
     """transforms.v2 on (B, 1, 28, 28) tensors. v2 draws one random transform per call, so
     `augment_batch` calls it once per group of `group_size` images to vary it within a batch."""
     from torchvision.transforms import v2
-    ops = [v2.RandomAffine(degrees=p.degrees, translate=(p.translate, p.translate),
-                           scale=p.scale)]
+
+    ops = [v2.RandomAffine(degrees=p.degrees, translate=(p.translate, p.translate), scale=p.scale)]
     if p.elastic_alpha > 0:
         ops.append(v2.ElasticTransform(alpha=p.elastic_alpha, sigma=p.elastic_sigma))
     return v2.Compose(ops)
@@ -85,9 +85,16 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
-def train(p: TrainParams, train_x: torch.Tensor, train_y: torch.Tensor,
-          val_x: torch.Tensor, val_y: torch.Tensor, checkpoint: Path | None = None,
-          run_id: str = "", progress: bool = True) -> TrainResult:
+def train(
+    p: TrainParams,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    checkpoint: Path | None = None,
+    run_id: str = "",
+    progress: bool = True,
+) -> TrainResult:
     """Train the network described by `p`. With `checkpoint`, state is saved there after every
     epoch and a matching checkpoint found there at start is resumed (run_id = fingerprint)."""
     device = resolve_device(p.device)
@@ -101,7 +108,8 @@ def train(p: TrainParams, train_x: torch.Tensor, train_y: torch.Tensor,
     model = build_mlp(p.hidden_sizes, p.dropout).to(device)
     fused = device.type in ("cpu", "cuda")
     opt = (torch.optim.AdamW if p.weight_decay else torch.optim.Adam)(
-        model.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay, fused=fused)
+        model.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay, fused=fused
+    )
     steps_per_epoch = math.ceil(len(train_x) / p.batch_size)
     sched = make_scheduler(opt, p, p.epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
@@ -129,8 +137,14 @@ def train(p: TrainParams, train_x: torch.Tensor, train_y: torch.Tensor,
         perm = torch.randperm(n, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        bar = tqdm(perm.split(p.batch_size), desc=f"epoch {epoch}/{p.epochs}", unit="batch",
-                   disable=None if progress else True, leave=False, mininterval=0.5)
+        bar = tqdm(
+            perm.split(p.batch_size),
+            desc=f"epoch {epoch}/{p.epochs}",
+            unit="batch",
+            disable=None if progress else True,
+            leave=False,
+            mininterval=0.5,
+        )
         for i, idx in enumerate(bar):
             xb, yb = train_x[idx], train_y[idx]
             if augment is not None:
@@ -145,7 +159,10 @@ def train(p: TrainParams, train_x: torch.Tensor, train_y: torch.Tensor,
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == yb).sum()
             if i % 50 == 0:  # reading a value syncs the device: only now and then
-                bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{correct.item() / ((i + 1) * p.batch_size):.4f}")
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}",
+                    acc=f"{correct.item() / ((i + 1) * p.batch_size):.4f}",
+                )
         val_logits = evaluate_logits(model, val_x)
         row = {
             "epoch": epoch,
@@ -158,19 +175,24 @@ def train(p: TrainParams, train_x: torch.Tensor, train_y: torch.Tensor,
         }
         result.history.append(row)
         if progress:
-            tqdm.write(f"epoch {epoch:3d}/{p.epochs}  train loss {row['train_loss']:.4f} "
-                       f"acc {row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} "
-                       f"acc {row['val_accuracy']:.4f}  {row['seconds']:.1f}s")
+            tqdm.write(
+                f"epoch {epoch:3d}/{p.epochs}  train loss {row['train_loss']:.4f} "
+                f"acc {row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} "
+                f"acc {row['val_accuracy']:.4f}  {row['seconds']:.1f}s"
+            )
         if checkpoint is not None and epoch < p.epochs:
             save_checkpoint(checkpoint, run_id, epoch, model, opt, sched, result.history, device)
     model.cpu().eval()
     return result
 
 
-def save_checkpoint(path: Path, run_id: str, epoch: int, model, opt, sched, history,
-                    device: torch.device) -> None:
+def save_checkpoint(
+    path: Path, run_id: str, epoch: int, model, opt, sched, history, device: torch.device
+) -> None:
     state = {
-        "fingerprint": run_id, "epoch": epoch, "model": model.state_dict(),
+        "fingerprint": run_id,
+        "epoch": epoch,
+        "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict() if sched is not None else {},
         "rng_cpu": torch.get_rng_state(),
@@ -192,28 +214,39 @@ def load_checkpoint(path: Path, run_id: str) -> dict:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", text, re.S)
         why = " ".join((m.group(1) if m else text.split(". ")[0]).split()) or type(e).__name__
-        raise CheckpointError(f"{path}: refused to load checkpoint (not a plain tensor "
-                              f"checkpoint: {why}); delete it to start over") from None
+        raise CheckpointError(
+            f"{path}: refused to load checkpoint (not a plain tensor "
+            f"checkpoint: {why}); delete it to start over"
+        ) from None
     if not isinstance(state, dict) or state.get("fingerprint") != run_id:
-        raise CheckpointError(f"{path}: checkpoint belongs to another run (params or data "
-                              "differ); delete it to start over")
+        raise CheckpointError(
+            f"{path}: checkpoint belongs to another run (params or data "
+            "differ); delete it to start over"
+        )
     return state
 
 
 def write_history(path: Path, history: list[dict]) -> None:
     lines = [",".join(HISTORY_FIELDS)]
     for row in history:
-        lines.append(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
-                              for k in HISTORY_FIELDS))
+        lines.append(
+            ",".join(
+                f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
+                for k in HISTORY_FIELDS
+            )
+        )
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
 
 def read_history(path: Path) -> list[dict]:
     import csv
+
     with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 def run(params) -> TrainResult:
