@@ -1,7 +1,6 @@
-"""DVC stage `evaluate` (see dvc.yaml for its inputs and outputs)."""
+"""DVC stage `evaluate`: its deps, params and outs are in dvc.yaml."""
 
-import sys
+from digits.stage import run_stage
 
-from digits.cli import run_command
-
-sys.exit(run_command("evaluate"))
+if __name__ == "__main__":
+    raise SystemExit(run_stage("evaluate"))

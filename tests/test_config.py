@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run
 from digits.config import ConfigError, Params, TrainParams, flat_params, load_params
+from helpers import ROOT, run
 
 # (YAML text, the dotted key the message must name, words of what was expected)
 BAD = {
@@ -76,7 +76,9 @@ def test_bad_value_names_key_and_expectation(tmp_path, case):
 def test_several_errors_report_first_and_count(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  lr: -1\n  epochs: 0\n  dropout: 2\n")
-    msg = str(pytest.raises(ConfigError, load_params, path).value)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
     # the first error in the schema's order is named, the others counted
     assert ": train.dropout: " in msg and msg.endswith("(and 2 more)")
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_fake_mnist, write_idx
 from digits.data import DataError, check_arrays, load_split, preprocess, read_idx, read_pair
+from helpers import make_fake_mnist, write_idx
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
@@ -207,7 +207,9 @@ def test_preprocess_is_deterministic(tmp_path):
     b = _outs(tmp_path / "b")
     preprocess(raw, *a, val_size=100, seed=1)
     preprocess(raw, *b, val_size=100, seed=1)
-    for pa, pb in zip(a, b):  # byte-identical: DVC sees no change, training is not rerun
+    for pa, pb in zip(
+        a, b, strict=True
+    ):  # byte-identical: DVC sees no change, training is not rerun
         assert pa.read_bytes() == pb.read_bytes()
     c = _outs(tmp_path / "c")
     preprocess(raw, *c, val_size=100, seed=2)
@@ -245,7 +247,7 @@ def test_failed_preprocess_writes_nothing(tmp_path, fake_raw, corrupt):
 
 def test_val_size_larger_than_data(tmp_path, fake_raw):
     outs = _outs(tmp_path)
-    with pytest.raises(DataError, match="data.val_size: 600 must be below the 600"):
+    with pytest.raises(DataError, match=r"data\.val_size: 600 must be below the 600"):
         preprocess(fake_raw, *outs, val_size=600, seed=0)
     assert not any(p.exists() for p in outs)
 

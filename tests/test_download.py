@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_fake_mnist, run
 from digits.download import RESOURCES, DownloadError, download, mirrors_from_env, timeout_from_env
+from helpers import ROOT, make_fake_mnist, run
 
 NAMES = [name for name, _ in RESOURCES]
 MD5 = dict(RESOURCES)
@@ -208,7 +208,7 @@ def test_every_mirror_fails(out_dir, mirror):
     assert "\n" not in msg
     parts = msg.split(": every mirror failed: ", 1)[1].split("; ")
     assert len(parts) == len(bad)
-    for part, url, words in zip(parts, bad, [*FAULTS.values(), "Connection refused"]):
+    for part, url, words in zip(parts, bad, [*FAULTS.values(), "Connection refused"], strict=True):
         assert part.startswith(f"{url}: ") and words in part, part
     assert len(log) == len(bad)
     # nothing half-written: no 0-byte or partial MISSING, no .download-* temp folder

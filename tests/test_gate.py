@@ -13,13 +13,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import make_fake_mnist
 from digits import evaluate, gate
 from digits.config import parse_params
 from digits.data import preprocess
 from digits.files import DATA_SUMMARY, GATE_REPORT, MODEL, RUN_INFO, TEST_DATA, TRAIN_DATA
 from digits.model import build_mlp, save_model
 from digits.train import run as train_run
+from helpers import make_fake_mnist
 
 NAME = "mnist-mlp"
 GOOD = "good.safetensors"
@@ -137,11 +137,11 @@ def test_gate_command_exits_nonzero_naming_gates(workspace, capsys):
     _, params = workspace
     import yaml
 
-    from digits.cli import run_command
+    from digits.stage import run_stage
 
     register(params, "garbage")
     (workspace[0] / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     capsys.readouterr()  # drop what registering printed
-    assert run_command("gate") == 1
+    assert run_stage("gate") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("digits gate: error: failed gates: min_accuracy")

@@ -13,7 +13,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from digits.config import TrainParams
-from digits.model import Probabilities, build_mlp, count_parameters, load_model, save_model
+from digits.model import (
+    ModelError,
+    Probabilities,
+    build_mlp,
+    count_parameters,
+    load_model,
+    save_model,
+)
 
 SIZES = TrainParams().hidden_sizes  # the default in params.yaml
 
@@ -135,12 +142,12 @@ BAD_MODELS = [
 def test_bad_model_file_is_a_clear_value_error(tmp_path, plant):
     path = tmp_path / "model.safetensors"
     plant(path)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ModelError) as err:
         load_model(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: not a model written by digits"), msg
 
 
 def test_missing_model_file(tmp_path):
-    with pytest.raises(ValueError, match="model file not found"):
+    with pytest.raises(ModelError, match="model file not found"):
         load_model(tmp_path / "nope.safetensors")

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import dvc, make_project, project_env, run, set_params
+from helpers import dvc, make_project, project_env, run, set_params
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3  # enough to learn MNIST well past chance; the default run is CI's own step

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import dvc, make_fake_mnist, make_project, project_env, set_params
+from helpers import dvc, make_fake_mnist, make_project, project_env, set_params
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see test_train.py
 
@@ -86,7 +86,8 @@ def evaluate_ready(tmp_path_factory) -> Path:
     from digits.config import parse_params
     from digits.data import load_split, preprocess
     from digits.model import save_model
-    from digits.train import train, write_history
+    from digits.reports import write_history
+    from digits.train import train
 
     root = tmp_path_factory.mktemp("evaluate") / "project"
     raw = make_fake_mnist(root.parent / "raw")

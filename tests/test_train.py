@@ -16,18 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_fake_mnist, run
 from digits.config import TrainParams, parse_params
 from digits.data import file_digest, load_split, preprocess
 from digits.model import save_model
-from digits.train import (
-    HISTORY_FIELDS,
-    CheckpointError,
-    fingerprint,
-    read_history,
-    train,
-    write_history,
-)
+from digits.reports import HISTORY_FIELDS, read_history, write_history
+from digits.train import CheckpointError, fingerprint, train
+from helpers import make_fake_mnist, run
 
 # Two OpenMP threads per process on a busy 2-core machine spin against each other and make
 # small-batch training 10-100x slower; one thread keeps these tests fast and is just as exact.
@@ -101,20 +95,22 @@ def test_history_file_roundtrip(tmp_path, tensors):
     assert header.startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr")
     back = read_history(path)
     assert [r["epoch"] for r in back] == [1, 2]
-    for got, want in zip(back, result.history):
+    for got, want in zip(back, result.history, strict=True):
         assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], rel=1e-5)
 
 
 def test_in_process_resume_matches(tmp_path, tensors):
     p = params(epochs=3)
     ckpt = tmp_path / "ckpt.pt"
-    full = train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    full = train(p, *tensors, checkpoint=ckpt, fingerprint="run-a", progress=False)
     # a checkpoint after each epoch but the last: epoch 2 is what is there now
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2 and state["fingerprint"] == "run-a"
-    again = train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    again = train(p, *tensors, checkpoint=ckpt, fingerprint="run-a", progress=False)
     assert again.resumed_from_epoch == 2
-    for (k, v), (k2, v2) in zip(full.model.state_dict().items(), again.model.state_dict().items()):
+    for (k, v), (k2, v2) in zip(
+        full.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(v, v2), k
     assert no_seconds(again.history) == no_seconds(full.history)
 
@@ -158,7 +154,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, tensors, plant):
     ckpt = tmp_path / "ckpt.pt"
     plant(ckpt, marker)
     with pytest.raises(CheckpointError) as err:
-        train(params(epochs=1), *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+        train(params(epochs=1), *tensors, checkpoint=ckpt, fingerprint="run-a", progress=False)
     msg = str(err.value)
     assert msg.startswith(f"{ckpt}: refused to load checkpoint")
     assert "Unsupported global" in msg and "exec" in msg  # the reason, named
@@ -169,23 +165,23 @@ def test_malicious_checkpoint_is_refused(tmp_path, tensors, plant):
 def test_truncated_checkpoint_is_refused(tmp_path, tensors):
     p = params(epochs=2)
     ckpt = tmp_path / "ckpt.pt"
-    train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    train(p, *tensors, checkpoint=ckpt, fingerprint="run-a", progress=False)
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # e.g. a full disk
-    with pytest.raises(CheckpointError, match="refused to load checkpoint .*zip archive"):
-        train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    with pytest.raises(CheckpointError, match=r"refused to load checkpoint .*zip archive"):
+        train(p, *tensors, checkpoint=ckpt, fingerprint="run-a", progress=False)
 
 
 def test_other_runs_checkpoint_is_refused(tmp_path, tensors):
     p = params(epochs=2)
     ckpt = tmp_path / "ckpt.pt"
-    train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+    train(p, *tensors, checkpoint=ckpt, fingerprint="run-a", progress=False)
     assert ckpt.exists()
     with pytest.raises(CheckpointError, match="belongs to another run"):
-        train(p, *tensors, checkpoint=ckpt, run_id="run-b", progress=False)
+        train(p, *tensors, checkpoint=ckpt, fingerprint="run-b", progress=False)
     # a plain tensor file that is not a checkpoint at all is refused the same way
     torch.save(torch.zeros(3), ckpt)
     with pytest.raises(CheckpointError, match="belongs to another run"):
-        train(p, *tensors, checkpoint=ckpt, run_id="run-a", progress=False)
+        train(p, *tensors, checkpoint=ckpt, fingerprint="run-a", progress=False)
 
 
 def test_fingerprint_covers_params_and_data():

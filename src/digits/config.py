@@ -9,8 +9,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from digits.errors import DigitsError
 
-class ConfigError(Exception):
+
+class ConfigError(DigitsError):
     """A bad params file; str() is the one-line message shown to the user."""
 
 

@@ -12,17 +12,15 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
-from sklearn.model_selection import train_test_split
 
+from digits.errors import DigitsError
 from digits.files import atomic_path, write_text
+from digits.mnist import COLS, NUM_CLASSES, NUM_PIXELS, ROWS
 
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
-ROWS = COLS = 28
-NUM_CLASSES = 10
 
 
-class DataError(Exception):
+class DataError(DigitsError):
     pass
 
 
@@ -58,7 +56,7 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
             bad = int(np.argmax(arr >= NUM_CLASSES))
             raise DataError(f"{path}: label {arr[bad]} at index {bad} is outside 0-9")
         return arr.copy()
-    return arr.reshape(dims[0], ROWS * COLS).copy()
+    return arr.reshape(dims[0], NUM_PIXELS).copy()
 
 
 def read_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -71,13 +69,15 @@ def read_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
 
 def split(x: np.ndarray, y: np.ndarray, val_size: int, seed: int):
     """Stratified train/validation split: each digit keeps its share in both parts."""
+    from sklearn.model_selection import train_test_split
+
     return train_test_split(x, y, test_size=val_size, stratify=y, random_state=seed)
 
 
 def check_arrays(name: str, x: np.ndarray, y: np.ndarray) -> None:
     """The processed data's contract: uint8 (N, 784) images, uint8 labels 0-9, every class."""
-    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != ROWS * COLS:
-        raise DataError(f"{name}: images {x.dtype}{x.shape}, expected uint8 (N, 784)")
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != NUM_PIXELS:
+        raise DataError(f"{name}: images {x.dtype}{x.shape}, expected uint8 (N, {NUM_PIXELS})")
     if y.dtype != np.uint8 or y.shape != (len(x),):
         raise DataError(f"{name}: labels {y.dtype}{y.shape}, expected uint8 ({len(x)},)")
     counts = np.bincount(y, minlength=NUM_CLASSES)
@@ -86,9 +86,9 @@ def check_arrays(name: str, x: np.ndarray, y: np.ndarray) -> None:
 
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare name
-            np.savez(f, **arrays)
+    # a file object: np.savez would append .npz to a bare name
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def preprocess(
@@ -123,8 +123,11 @@ def preprocess(
     return summary
 
 
-def load_split(path: Path, *names: str) -> list[torch.Tensor]:
-    """Load `name` pairs from a processed .npz: images as float32 in [0, 1], labels as int64."""
+def load_split(path: Path, *names: str) -> list:
+    """Load `name` pairs from a processed .npz: images as float32 tensors in [0, 1], labels as
+    int64 tensors, after checking the processed data's contract."""
+    import torch
+
     with np.load(path, allow_pickle=False) as f:
         out = []
         for name in names:
@@ -141,3 +144,14 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def run(params) -> dict:
+    """The `preprocess` stage: data/raw -> data/processed/{train,test}.npz + reports/data.json."""
+    from digits.files import DATA_SUMMARY, RAW_DIR, TEST_DATA, TRAIN_DATA
+
+    summary = preprocess(
+        RAW_DIR, TRAIN_DATA, TEST_DATA, DATA_SUMMARY, params.data.val_size, params.data.seed
+    )
+    print("preprocess: " + ", ".join(f"{k} {v['count']}" for k, v in summary.items()))
+    return summary

@@ -1,13 +1,15 @@
 """Fetch the four official MNIST .gz files, verified against the official MD5s.
 
-torchvision's MNIST class pins the file names, the MD5s and the official mirrors; we reuse its
-list and its downloader but not its loop, because that loop leaves a 0-byte file behind when a
-mirror fails and cannot read a local folder. Here every file lands in a temp folder first and is
-renamed into place only once its checksum matches."""
+The file names, MD5s and official mirrors are torchvision's (copied in `digits.mnist`, so that
+checking files already present imports no torch). We reuse torchvision's downloader but not its
+loop, because that loop leaves a 0-byte file behind when a mirror fails and cannot read a local
+folder. Here every file lands in a temp folder first and is renamed into place only once its
+checksum matches."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import socket
@@ -15,23 +17,29 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from torchvision.datasets import MNIST
-from torchvision.datasets.utils import check_integrity, download_url
+from digits.errors import DigitsError
+from digits.mnist import OFFICIAL_MIRRORS, RESOURCES
 
-RESOURCES: list[tuple[str, str]] = list(MNIST.resources)  # (file name, md5)
-OFFICIAL_MIRRORS: list[str] = list(MNIST.mirrors)
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte before a mirror counts as stalled
 
 
-class DownloadError(Exception):
+class DownloadError(DigitsError):
     pass
+
+
+def md5_matches(path: Path, md5: str) -> bool:
+    """True when `path` is a file with this MD5 (what torchvision's check_integrity does)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest() == md5
 
 
 def mirrors_from_env() -> list[str]:
     """MNIST_MIRROR: comma-separated http(s) URLs or local folders; unset = the official list."""
     raw = os.environ.get("MNIST_MIRROR", "").strip()
     if not raw:
-        return OFFICIAL_MIRRORS
+        return list(OFFICIAL_MIRRORS)
     return [m.strip() for m in raw.split(",") if m.strip()]
 
 
@@ -60,6 +68,8 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 def _fetch(mirror: str, name: str, md5: str, tmp_dir: Path, timeout: float) -> Path:
     """Put a verified copy of `name` from `mirror` into tmp_dir, or raise with the reason."""
     if mirror.startswith(("http://", "https://")):
+        from torchvision.datasets.utils import download_url  # only when fetching
+
         url = mirror.rstrip("/") + "/" + name
         with _socket_timeout(timeout):
             download_url(url, str(tmp_dir), filename=name, md5=md5)
@@ -69,7 +79,7 @@ def _fetch(mirror: str, name: str, md5: str, tmp_dir: Path, timeout: float) -> P
         raise FileNotFoundError(f"no file {source}")
     target = tmp_dir / name
     shutil.copyfile(source, target)
-    if not check_integrity(str(target), md5):
+    if not md5_matches(target, md5):
         raise DownloadError("MD5 mismatch")
     return target
 
@@ -92,7 +102,7 @@ def download(
     for name, md5 in RESOURCES:
         final = out_dir / name
         paths.append(final)
-        if check_integrity(str(final), md5):
+        if md5_matches(final, md5):
             continue
         final.unlink(missing_ok=True)  # present but corrupt: replace it
         failures = []
@@ -122,3 +132,10 @@ def _reason(e: Exception) -> str:
     if isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in text:
         return "timed out"
     return text.splitlines()[0]
+
+
+def run(params) -> list[Path]:
+    """The `download` stage: data/raw holds the four verified files afterwards."""
+    from digits.files import RAW_DIR
+
+    return download(RAW_DIR)

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from digits.errors import DigitsError
+from digits.metrics import compute_metrics, worst_recall
+
 CHAMPION, PREVIOUS = "champion", "previous"
 
 
-class GateFailed(Exception):
+class GateFailed(DigitsError):
     """Raised after the report is written, when at least one gate failed."""
 
 
@@ -42,28 +45,22 @@ class Check:
 
 
 def score(model_uri: str, x: np.ndarray, y: np.ndarray) -> dict:
-    """Load a registered model with pyfunc (probabilities out) and score it on (x, y)."""
+    """Load a registered model with pyfunc (probabilities out) and score it on (x, y) with the
+    same metric code as the evaluate stage."""
     import mlflow.pyfunc
 
-    probs = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(x), dtype=np.float64)
-    pred = probs.argmax(1)
-    recall = [float((pred[y == c] == c).mean()) for c in range(10)]
-    return {
-        "accuracy": float((pred == y).mean()),
-        "loss": float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()),
-        "min_class_recall": min(recall),
-        "worst_class": int(np.argmin(recall)),
-    }
+    return compute_metrics(mlflow.pyfunc.load_model(model_uri).predict(x), y)
 
 
 def checks(gates, new: dict, champion: dict | None, champion_version: str | None) -> list[Check]:
+    worst_digit, worst = worst_recall(new)
     out = [
         Check("min_accuracy", "accuracy", new["accuracy"], gates.min_accuracy, ">="),
         Check("max_loss", "loss", new["loss"], gates.max_loss, "<="),
         Check(
             "min_class_recall",
-            f"recall of digit {new['worst_class']} (worst)",
-            new["min_class_recall"],
+            f"recall of digit {worst_digit} (worst)",
+            worst,
             gates.min_class_recall,
             ">=",
         ),
@@ -124,15 +121,15 @@ def run(params) -> list[Check]:
     from mlflow.tracking import MlflowClient
 
     from digits import tracking
+    from digits.data import load_split
     from digits.files import GATE_REPORT, RUN_INFO, TEST_DATA, write_text
 
     info = json.loads(Path(RUN_INFO).read_text())
     name, version = info["registered_model"], info["version"]
     tracking.connect(params.mlflow.experiment)
     client = MlflowClient(tracking.tracking_uri())
-    with np.load(TEST_DATA, allow_pickle=False) as f:
-        x = f["test_x"].astype(np.float32) / 255.0
-        y = f["test_y"].astype(np.int64)
+    test_x, test_y = load_split(TEST_DATA, "test")
+    x, y = test_x.numpy(), test_y.numpy()
 
     try:
         champ_version = client.get_model_version_by_alias(name, CHAMPION).version

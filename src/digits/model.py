@@ -7,6 +7,7 @@ model file is self-describing and loading it runs no pickle."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,16 +16,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from digits.errors import DigitsError
 from digits.files import atomic_path
+from digits.mnist import NUM_CLASSES, NUM_PIXELS
 
-IN_FEATURES, NUM_CLASSES = 28 * 28, 10
+
+class ModelError(DigitsError):
+    """A model file that is missing or was not written by `save_model`."""
 
 
 def build_mlp(hidden_sizes: tuple[int, ...] | list[int], dropout: float = 0.0) -> nn.Sequential:
     """784 -> hidden... -> 10, ReLU (and optional dropout) between layers, logits out."""
     layers: list[nn.Module] = []
-    sizes = [IN_FEATURES, *hidden_sizes]
-    for fan_in, fan_out in zip(sizes, sizes[1:]):
+    sizes = [NUM_PIXELS, *hidden_sizes]
+    for fan_in, fan_out in itertools.pairwise(sizes):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
@@ -43,6 +48,13 @@ class Probabilities(nn.Module):
         return torch.softmax(self.net(x), dim=1)
 
 
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 10000) -> torch.Tensor:
+    """Logits for a whole split, in eval mode, a batch at a time (memory stays bounded)."""
+    model.eval()
+    return torch.cat([model(xb) for xb in x.split(batch_size)])
+
+
 def save_model(model: nn.Sequential, path: str | Path, hidden_sizes, dropout: float) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"architecture": json.dumps({"hidden_sizes": list(hidden_sizes), "dropout": dropout})}
@@ -58,15 +70,15 @@ def load_model(path: str | Path) -> nn.Sequential:
         with safe_open(str(path), "pt") as f:
             arch = json.loads((f.metadata() or {})["architecture"])
     except FileNotFoundError:
-        raise ValueError(f"{path}: model file not found") from None
+        raise ModelError(f"{path}: model file not found") from None
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f"{path}: not a model written by digits ({e})") from None
+        raise ModelError(f"{path}: not a model written by digits ({e})") from None
     try:
         model = build_mlp(arch["hidden_sizes"], arch["dropout"])
         model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as e:  # header and tensors disagree
         detail = " ".join(str(e).split())[:300]  # one line for the CLI
-        raise ValueError(
+        raise ModelError(
             f"{path}: not a model written by digits (its weights do not match "
             f"the architecture in its header: {detail})"
         ) from None

@@ -19,21 +19,25 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from digits.files import repo_root
-from digits.model import Probabilities
-
-# MLflow's HTTP client retries with backoff for minutes by default; a pipeline stage should
-# fail fast with a clear message instead. A user's own setting wins.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from digits.errors import DigitsError
+from digits.files import repo_root
+from digits.model import Probabilities
 
-class TrackingError(Exception):
+# MLflow's HTTP client retries with backoff for minutes by default; a pipeline stage should
+# fail fast with a clear message instead. Set in `connect()`, where the store is connected;
+# a user's own setting wins.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+class TrackingError(DigitsError):
     pass
 
 
@@ -78,6 +82,8 @@ def _check_reachable(uri: str) -> None:
 
 def connect(experiment: str) -> str:
     """Point MLflow at the store, creating it and the experiment if needed; return its id."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     uri = tracking_uri()
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)

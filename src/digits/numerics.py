@@ -1,0 +1,61 @@
+"""Bit-for-bit reproducible arithmetic on any x86-64 CPU with AVX2, at any thread count.
+
+The same params on two CPUs gave two models, because the math libraries pick kernels by CPU:
+MKL's sgemm (the matmuls) by instruction set and thread count, ATen's own kernels (element-wise
+ops, reductions, the fused Adam step) by "CPU capability", oneDNN by its own ISA probe. Capping
+all three at AVX2 (MKL in strict conditional-reproducibility mode) makes every AVX2 machine run
+the same instructions in the same order. The libraries read these variables once, when they
+load: `pin()` must run before `import torch`, so every entry point (the stage scripts, `digits`,
+the tests, the benchmarks) calls it first. A value the user set already wins.
+
+`DIGITS_PORTABLE_NUMERICS=0` turns the pins off (for speed experiments; results then depend on
+the CPU). What cannot be pinned: GPUs, other torch/MKL builds, ARM, CPUs without AVX2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+
+PINS: dict[str, str] = {
+    "MKL_CBWR": "AVX2,STRICT",  # MKL: AVX2 code path, same result at any thread count
+    "ATEN_CPU_CAPABILITY": "avx2",  # ATen's vectorised kernels: AVX2 even on AVX-512 CPUs
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (some convolutions and matmuls): AVX2 at most
+}
+SWITCH = "DIGITS_PORTABLE_NUMERICS"
+
+
+def pin(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set the pins (unless the user set them, or turned them off); return those in force.
+
+    Must run before torch is imported: afterwards the libraries have read their settings."""
+    env = os.environ if environ is None else environ
+    if env.get(SWITCH, "1") == "0":
+        return {}
+    for key, value in PINS.items():
+        env.setdefault(key, value)
+    return {key: env[key] for key in PINS}
+
+
+def pinned_too_late() -> bool:
+    """True when torch was loaded before `pin()`: its libraries ignore later changes."""
+    return "torch" in sys.modules
+
+
+def describe() -> dict[str, str]:
+    """The numeric environment, as MLflow tags: enough to explain why two runs differ."""
+    import torch
+
+    mkl = ""
+    if torch.backends.mkl.is_available():
+        for line in torch.__config__.show().splitlines():
+            if "Math Kernel Library" in line:
+                mkl = line.split("Library Version", 1)[-1].strip(" :")
+                break
+    return {
+        "numerics.torch": torch.__version__,
+        "numerics.mkl": mkl,
+        "numerics.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "numerics.threads": str(torch.get_num_threads()),
+        "numerics.pins": ",".join(f"{k}={os.environ[k]}" for k in PINS if k in os.environ) or "off",
+    }

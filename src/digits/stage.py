@@ -1,0 +1,38 @@
+"""Running one DVC stage: pin the numerics, read and check params, call the stage's `run`.
+
+Each stage lives in its own library module (`STAGES`), imported only when that stage runs, so
+a stage process loads just the code that `dvc.yaml` lists as its deps: editing the gate does
+not retrain. A project error (`DigitsError`) ends as one line on stderr and exit status 1; any
+other exception is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from digits import numerics
+from digits.errors import DigitsError
+
+# stage name -> the module whose `run(params)` it calls
+STAGES: dict[str, str] = {
+    "download": "digits.download",
+    "preprocess": "digits.data",
+    "train": "digits.train",
+    "evaluate": "digits.evaluate",
+    "gate": "digits.gate",
+}
+
+
+def run_stage(name: str, params_file: str = "params.yaml") -> int:
+    """Run stage `name`; return the exit status (0, or 1 after a one-line error)."""
+    numerics.pin()  # before anything imports torch
+    from digits.config import load_params
+
+    try:
+        # params first: a bad file stops the stage before any heavy import or work
+        params = load_params(params_file)
+        importlib.import_module(STAGES[name]).run(params)
+    except DigitsError as e:
+        print(f"digits {name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
