@@ -5,7 +5,11 @@ BIN    := $(abspath $(VENV))/bin
 # Stages run `python ...`: put the venv first on PATH so DVC finds its interpreter.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test bench accurate clean
+.PHONY: help install run test test-fast lint format bench accurate clean team-server
+.DEFAULT_GOAL := help
+
+help:             ## this list of targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,13 +17,24 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed ## create .venv and install the project (once; again when pyproject.toml changes)
 
 run: install      ## download, preprocess, train, evaluate (and gate): dvc repro
 	dvc repro
 
-test: install     ## the test suite (real DVC, MLflow and MNIST from $$MNIST_MIRROR / ../shared/mnist)
+test: install     ## the full test suite, as CI runs it (real DVC, MLflow, PostgreSQL, Chromium; minutes)
 	python -m pytest
+
+test-fast: install ## the quick tests for the edit loop (no pipeline runs, servers or browsers; < 1 min)
+	python -m pytest -m "not slow" -q
+
+lint: install     ## ruff: lint and check formatting (what CI runs)
+	ruff check .
+	ruff format --check .
+
+format: install   ## ruff: fix what can be fixed and format the code
+	ruff check --fix .
+	ruff format .
 
 bench: install    ## training-speed benchmark (prints samples/s and ratios)
 	python benchmarks/train_speed.py
@@ -30,6 +45,13 @@ ACCURATE := -S train.epochs=100 -S train.batch_size=256 -S train.lr=0.003 -S tra
             -S train.augment.elastic_alpha=34.0 -S train.augment.elastic_sigma=4.0
 accurate: install ## the 99.2% profile as a DVC experiment named "accurate"
 	dvc exp run -n accurate $(ACCURATE)
+
+# The team's MLflow server (README: Working as a team). Alone: a throwaway PostgreSQL cluster
+# and artifact folder, deleted on exit. For real, name the team's database and storage:
+#   make team-server SERVER_ARGS="--backend-store-uri postgresql://mlflow@db-host/mlflow \
+#                                 --artifacts-destination /srv/mlflow-artifacts"
+team-server: install ## a shared MLflow server on 127.0.0.1:5000 (PostgreSQL, proxied artifacts)
+	digits server $(SERVER_ARGS)
 
 clean:            ## generated data, models, reports and the local MLflow store
 	rm -rf data/raw data/processed models reports/figures mlflow.db mlflow.db.lock mlartifacts .checkpoints

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from digits import numerics
+from digits.config import load_params
+from digits.mnist import RESOURCES
+from digits.model import build_mlp, count_parameters
+from digits.train import train
 
-from digits.config import load_params  # noqa: E402
-from digits.download import RESOURCES  # noqa: E402
-from digits.model import build_mlp, count_parameters  # noqa: E402
-from digits.train import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def find_mnist() -> Path:
@@ -62,6 +63,15 @@ def torchvision_dataset(src: Path, workdir: Path):
         shutil.copy(src / name, raw / name)
     # download=True finds the verified .gz files and only extracts them: no network
     return datasets.MNIST(str(workdir), train=True, download=True, transform=transforms.ToTensor())
+
+
+def mnist_tensors(src: Path):
+    """The 60,000 training images as float32 in [0, 1] and their labels, read with the
+    pipeline's own IDX reader."""
+    from digits.data import read_pair
+
+    x, y = read_pair(src, "train")
+    return torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y).long()
 
 
 def usual_way(dataset, hidden_sizes, epochs: int) -> float:
@@ -115,13 +125,34 @@ def profile(params, x, y) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def unpinned_rate(epochs: int) -> float:
+    """The digits trainer's rate in a fresh process without the reproducibility pins (the
+    libraries read them at load time, so this cannot run in the pinned process)."""
+    env = {k: v for k, v in os.environ.items() if k not in numerics.PINS}
+    env[numerics.SWITCH] = "0"
+    out = subprocess.run(
+        [sys.executable, __file__, "--epochs", str(epochs), "--digits-only"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.split()[-1])
+
+
 def main() -> None:
+    numerics.pin_or_reexec()  # the pipeline's numerics: what the trainer really runs with
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=1, help="epochs for both trainers (default 1)")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table")
+    ap.add_argument("--digits-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     params = load_params(ROOT / "params.yaml")
+    if args.digits_only:  # the child of `unpinned_rate`
+        x, y = mnist_tensors(find_mnist())
+        print(digits_way(params, x, y, args.epochs))
+        return
     hidden = params.train.hidden_sizes
     with tempfile.TemporaryDirectory() as tmp:
         ds = torchvision_dataset(find_mnist(), Path(tmp))
@@ -129,6 +160,7 @@ def main() -> None:
         y = ds.targets.clone()
         usual = usual_way(ds, hidden, args.epochs)
     ours = digits_way(params, x, y, args.epochs)
+    unpinned = unpinned_rate(args.epochs)
     flops_per_sample = 6 * count_parameters(build_mlp(hidden))
     rate = matmul_rate()
     limit = rate / flops_per_sample
@@ -151,9 +183,14 @@ def main() -> None:
     for name, sps in (
         ("1. usual (DataLoader, batch 64)", usual),
         ("2. digits trainer (params.yaml)", ours),
+        ("   the same without the pins", unpinned),
         ("3. limit (sgemm / 6 x params)", limit),
     ):
         print(f"{name:<34}{sps:>12,.0f}{sps / usual:>9.1f}x{sps / limit:>9.2f}x")
+    print(
+        f"\nreproducibility pins ({', '.join(f'{k}={v}' for k, v in numerics.PINS.items())}): "
+        f"pinned / unpinned rate = {ours / unpinned:.2f}"
+    )
     if args.profile:
         print()
         profile(params, x, y)

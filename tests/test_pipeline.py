@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import yaml
 
 from helpers import dvc, make_project, project_env, run, set_params
+from test_stage_deps import declared_code_deps
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3  # enough to learn MNIST well past chance; the default run is CI's own step
@@ -30,12 +34,75 @@ def repro(tmp_path_factory, mnist_http):
     )
     run(["git", "commit", "-qam", "short run"], project)
     env = project_env(project, mnist_http)
-    first = dvc(project, "repro", env=env)
-    return project, env, first
+    # Record which project files each stage process really loads (see LOAD_PROBE).
+    probe = tmp_path_factory.mktemp("probe")
+    (probe / "sitecustomize.py").write_text(LOAD_PROBE)
+    loads = probe / "loads.jsonl"
+    first = dvc(
+        project,
+        "repro",
+        env={
+            **env,
+            "PYTHONPATH": f"{project / 'src'}{os.pathsep}{probe}",
+            "DIGITS_LOAD_PROBE": str(loads),
+        },
+    )
+    return project, env, first, loads
+
+
+# Each stage process appends {script, files} at exit: the project's modules it had loaded.
+LOAD_PROBE = """
+import atexit, json, os, sys
+@atexit.register
+def _report():
+    script = next((a for a in sys.orig_argv if a.startswith("pipeline/")), None)
+    if script:
+        files = sorted(m.__file__ for m in list(sys.modules.values())
+                       if getattr(m, "__file__", None) and m.__name__.split(".")[0] == "digits")
+        with open(os.environ["DIGITS_LOAD_PROBE"], "a") as f:
+            f.write(json.dumps({"script": script, "files": [script, *files]}) + "\\n")
+"""
+
+
+def test_stages_load_only_their_deps(repro):
+    """Every project file a stage process loaded is among that stage's deps in dvc.yaml."""
+    project, _, _, loads = repro
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    rows = [json.loads(line) for line in loads.read_text().splitlines()]
+    assert {Path(r["script"]).stem for r in rows} == set(stages)
+    for row in rows:
+        stage = Path(row["script"]).stem
+        declared = {str(p) for p in declared_code_deps(stages[stage])}
+        loaded = {
+            str(Path(f).resolve().relative_to(project.resolve())) if Path(f).is_absolute() else f
+            for f in row["files"]
+        }
+        missing = sorted(loaded - declared)
+        assert not missing, f"stage {stage} loaded {missing}, not among its deps in dvc.yaml"
+
+
+def test_editing_gate_code_reruns_only_the_gate(repro):
+    """`dvc status` names the stages whose code changed: gate.py only the gate; model.py the
+    stages that build, score or load models, never download or preprocess."""
+    project, env, _, _ = repro
+
+    def stale_after_editing(path: str) -> set[str]:
+        target = project / path
+        original = target.read_text()
+        target.write_text(original + "\n# edited\n")
+        try:
+            status = json.loads(dvc(project, "status", "--json", env=env).stdout or "{}")
+        finally:
+            target.write_text(original)
+        return set(status)
+
+    assert stale_after_editing("src/digits/gate.py") == {"gate"}
+    assert stale_after_editing("src/digits/model.py") == {"train", "evaluate", "gate"}
+    assert stale_after_editing("src/digits/data.py") == {"preprocess", "train", "evaluate", "gate"}
 
 
 def test_stages_write_their_outputs(repro):
-    project, _, first = repro
+    project, _, first, _ = repro
     for stage in ("download", "preprocess", "train", "evaluate", "gate"):
         assert f"Running stage '{stage}'" in first.stdout
     raw = sorted(p.name for p in (project / "data/raw").iterdir())
@@ -63,7 +130,7 @@ def test_stages_write_their_outputs(repro):
 
 
 def test_metrics_and_plots_are_visible_to_dvc(repro):
-    project, env, _ = repro
+    project, env, _, _ = repro
     shown = json.loads(dvc(project, "metrics", "show", "--json", env=env).stdout)
     data = next(iter(shown.values()))["data"]
     assert data["reports/metrics.json"]["data"]["accuracy"] > 0.95
@@ -72,7 +139,7 @@ def test_metrics_and_plots_are_visible_to_dvc(repro):
 
 
 def test_mlflow_run_and_registered_model(repro):
-    project, _, _ = repro
+    project, _, _, _ = repro
     info = json.loads((project / "reports/mlflow_run.json").read_text())
     metrics = json.loads((project / "reports/metrics.json").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
@@ -102,7 +169,7 @@ def test_mlflow_run_and_registered_model(repro):
 
 
 def test_second_repro_does_nothing(repro):
-    project, env, _ = repro
+    project, env, _, _ = repro
     before = (project / "dvc.lock").read_text()
     again = dvc(project, "repro", env=env)
     assert "Running stage" not in again.stdout
@@ -112,7 +179,7 @@ def test_second_repro_does_nothing(repro):
 def test_forced_rerun_is_bit_identical(repro):
     """`dvc repro --force` retrains from scratch: same params, same machine -> the same model
     bytes, history and metrics (only the MLflow run and version are new)."""
-    project, env, _ = repro
+    project, env, _, _ = repro
     files = [
         "models/model.safetensors",
         "reports/train_history.csv",
@@ -132,7 +199,7 @@ def test_forced_rerun_is_bit_identical(repro):
 
 
 def test_evaluate_param_reruns_only_evaluate(repro):
-    project, env, _ = repro
+    project, env, _, _ = repro
     model_before = (project / "models/model.safetensors").read_bytes()
     set_params(project, **{"evaluate.misclassified_shown": 12})
     out = dvc(project, "repro", env=env).stdout
@@ -145,7 +212,7 @@ def test_evaluate_param_reruns_only_evaluate(repro):
 def test_bad_training_stops_at_the_gate(repro):
     """One epoch at lr 1.0 ruins the model: `dvc exp run` must stop at the gate, name the
     failing gates, record the rejection in the registry, and leave the champion alone."""
-    project, env, _ = repro
+    project, env, _, _ = repro
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("mnist-mlp", "champion").version

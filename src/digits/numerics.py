@@ -42,6 +42,15 @@ def pinned_too_late() -> bool:
     return "torch" in sys.modules
 
 
+def pin_or_reexec() -> None:
+    """For scripts that import torch at their top (the benchmarks): set the pins and, if torch
+    is already loaded without them, run the script again in a fresh process that has them."""
+    before = {k: os.environ.get(k) for k in PINS}
+    pinned = pin()
+    if pinned_too_late() and any(before[k] != v for k, v in pinned.items()):
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def describe() -> dict[str, str]:
     """The numeric environment, as MLflow tags: enough to explain why two runs differ."""
     import torch

@@ -1,0 +1,136 @@
+"""dvc.yaml lists, for each stage, exactly the project code that the stage runs: editing a file
+a stage runs must make `dvc status` report that stage, and nothing else may be listed.
+
+Two views of "the code a stage runs": the static import closure of its pipeline script (every
+`digits` import, at the top of a module or inside a function), which must equal the stage's code
+deps; and, in the slow pipeline test, the modules each stage process really loaded, which must
+be among them, and editing gate.py makes `dvc status` report the gate alone (both in
+`test_pipeline.py`)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import ROOT, run
+
+SRC = ROOT / "src"
+
+
+def module_file(name: str) -> Path | None:
+    """The project file of module `name` (digits.x), or None for a third-party module."""
+    if name != "digits" and not name.startswith("digits."):
+        return None
+    base = SRC / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, anywhere in it (functions included)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            # `from digits import tracking` imports the submodule digits.tracking
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def code_closure(script: Path, stage: str) -> set[Path]:
+    """Project files reachable from a stage's script by imports (plus its parent packages)."""
+    from digits.stage import STAGES
+
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        names = imported_modules(path)
+        if path == SRC / "digits" / "stage.py":
+            names.add(STAGES[stage])  # the one stage module this process imports
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing digits.x runs digits/__init__.py too
+                f = module_file(".".join(parts[:i]))
+                if f is not None and f not in seen:
+                    todo.append(f)
+    return {p.relative_to(ROOT) for p in seen}
+
+
+def declared_code_deps(stage: dict) -> set[Path]:
+    """A stage's deps that are project code (.py files, or folders of them)."""
+    out: set[Path] = set()
+    for dep in stage.get("deps", []):
+        path = ROOT / dep
+        if path.is_dir() and dep.startswith(("src", "pipeline")):
+            out.update(p.relative_to(ROOT) for p in path.rglob("*.py"))
+        elif dep.endswith(".py"):
+            out.add(Path(dep))
+    return out
+
+
+STAGES_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", list(STAGES_YAML))
+def test_stage_code_deps_are_exact(stage):
+    spec = STAGES_YAML[stage]
+    script = ROOT / spec["cmd"].split()[-1]
+    runs = code_closure(script, stage)
+    declared = declared_code_deps(spec)
+    missing = sorted(map(str, runs - declared))
+    extra = sorted(map(str, declared - runs))
+    assert not missing, f"stage {stage}: runs {missing} but dvc.yaml does not list them"
+    assert not extra, f"stage {stage}: dvc.yaml lists {extra} but the stage never runs them"
+
+
+def third_party_imports(name: str) -> list[str]:
+    """The non-project modules that module `name` imports at its top level."""
+    path = module_file(name)
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.append(node.module)
+    return [m for m in out if module_file(m) is None and m != "__future__"]
+
+
+PROBE = """
+import importlib, json, os, sys
+for dep in sys.argv[2:]:  # third-party imports first: their own side effects are not ours
+    importlib.import_module(dep)
+env, files = dict(os.environ), set(os.listdir())
+importlib.import_module(sys.argv[1])
+changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
+mpl = sys.modules.get("matplotlib")
+backend = mpl.rcParams._get_backend_or_none() if mpl else None
+print(json.dumps({"env": changed, "backend": backend, "files": sorted(set(os.listdir()) - files)}))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter per module: ~40 s
+def test_importing_modules_changes_no_environment():
+    """Importing any digits module, each in a fresh interpreter, changes no environment
+    variable, selects no matplotlib backend and writes no file: no import-time side effects."""
+    modules = sorted(
+        "digits." + p.stem for p in (SRC / "digits").glob("*.py") if p.stem != "__init__"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MPLBACKEND"))}
+    for name in ["digits", *modules]:
+        cmd = [sys.executable, "-c", PROBE, name, *third_party_imports(name)]
+        out = run(cmd, ROOT, env=env).stdout
+        result = yaml.safe_load(out.strip().splitlines()[-1])
+        assert result == {"env": [], "backend": None, "files": []}, f"importing {name}: {result}"
