@@ -53,5 +53,17 @@ accurate: install ## the 99.2% profile as a DVC experiment named "accurate"
 team-server: install ## a shared MLflow server on 127.0.0.1:5000 (PostgreSQL, proxied artifacts)
 	digits server $(SERVER_ARGS)
 
+# Using the champion (README). `mlflow models serve` runs `uvicorn` found on PATH: the PATH
+# export above makes these work whether the venv is activated or not.
+MODEL_URI  ?= models:/mnist-mlp@champion
+SERVE_PORT ?= 5001
+APP_PORT   ?= 8000
+.PHONY: serve app
+serve: install    ## the champion as a REST API on 127.0.0.1:5001 (mlflow models serve)
+	mlflow models serve -m "$(MODEL_URI)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
+app: install      ## the drawing page on http://127.0.0.1:8000/ (digits app)
+	digits app --model "$(MODEL_URI)" --port $(APP_PORT)
+
 clean:            ## generated data, models, reports and the local MLflow store
 	rm -rf data/raw data/processed models reports/figures mlflow.db mlflow.db.lock mlartifacts .checkpoints

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from digits import numerics
-from helpers import make_fake_mnist, mnist_dir
+from helpers import make_fake_mnist, mnist_dir, register_champion
 
 
 def pytest_configure(config):
@@ -44,3 +44,10 @@ def mnist_http(mnist_local) -> str:
 @pytest.fixture
 def fake_raw(tmp_path) -> Path:
     return make_fake_mnist(tmp_path / "raw")
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory) -> dict:
+    """A real model registered as mnist-mlp@champion in a fresh SQLite store, trained once per
+    session for the tests of `digits predict`, `digits app` and `mlflow models serve`."""
+    return register_champion(tmp_path_factory.mktemp("champion"))

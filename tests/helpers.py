@@ -92,6 +92,51 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
+def make_trained_project(root: Path) -> Path:
+    """A project folder where the evaluate stage can run, in seconds: the real dvc.yaml and
+    .gitignore, params for a tiny run, fake data preprocessed, and a model trained on it (2
+    epochs, one thread) with the files the train stage writes (weights, history, train_info)."""
+    import json
+
+    import torch
+    import yaml
+
+    from digits.config import parse_params
+    from digits.data import file_digest, load_split, preprocess
+    from digits.model import save_model
+    from digits.reports import write_history
+    from digits.train import train, train_info
+
+    raw = make_fake_mnist(root.parent / f"{root.name}-raw")
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy2(ROOT / name, root / name)
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"val_size": 100},
+                "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
+                "evaluate": {"misclassified_shown": 6},
+            }
+        )
+    )
+    train_npz = root / "data/processed/train.npz"
+    preprocess(raw, train_npz, root / "data/processed/test.npz", root / "reports/data.json", 100, 0)
+    p = parse_params(yaml.safe_load((root / "params.yaml").read_text())).train
+    tx, ty, vx, vy = load_split(train_npz, "train", "val")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(p, tx, ty, vx, vy, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    save_model(result.model, root / "models/model.safetensors", p.hidden_sizes, p.dropout)
+    write_history(root / "reports/train_history.csv", result.history)
+    info = train_info(result, torch.device("cpu"), len(tx), len(vx), file_digest(train_npz))
+    (root / "models/train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return root
+
+
 def project_env(project: Path, mirror: str) -> dict:
     """Environment for running the pipeline in `project`: its own copy of the code first on
     the path, MNIST from `mirror`, and MLflow's default store (mlflow.db at the project root)."""
@@ -237,7 +282,8 @@ def photo_like(digit: np.ndarray, rng: np.random.Generator, fmt: str = "PNG") ->
     from PIL import Image
 
     side = round(28 * rng.uniform(1.5, 6))
-    ink = Image.fromarray(255 - digit.reshape(28, 28)).resize((side, side), Image.Resampling.BICUBIC)
+    ink = Image.fromarray(255 - digit.reshape(28, 28))
+    ink = ink.resize((side, side), Image.Resampling.BICUBIC)
     w, h = (int(v) for v in rng.integers(side + 20, 3 * side, size=2))
     page = Image.new("L", (w, h), 255)
     page.paste(ink, (int(rng.integers(0, w - side)), int(rng.integers(0, h - side))))

@@ -39,17 +39,47 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         sub.add_parser(name, parents=[common], help=STAGE_HELP[name])
     # -- commands beyond the stages: each adds its parser here and sets `handler` --
+    p = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="make an approved version @champion by hand; who, when and why become its tags",
+    )
+    p.add_argument("version", metavar="VERSION", help="the registered version, e.g. 7")
+    p.add_argument("--reason", required=True, help="why (recorded on the version)")
+    p.set_defaults(handler=_promote)
     model_help = "MLflow model URI (default: models:/mnist-mlp@champion in the configured store)"
-    p = sub.add_parser("predict", parents=[common], help="predict the digit in image files")
+    p = sub.add_parser("predict", help="predict the digit in image files")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... of one digit each")
     p.add_argument("--model", default="models:/mnist-mlp@champion", help=model_help)
     p.add_argument("--json", action="store_true", help="one JSON object per line, all ten probs")
     p.set_defaults(handler=_predict)
-    p = sub.add_parser("app", parents=[common], help="the drawing page: draw a digit, see the model")
+    p = sub.add_parser("app", help="a page to draw a digit and see what the model thinks")
     p.add_argument("--model", default="models:/mnist-mlp@champion", help=model_help)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
     p.set_defaults(handler=_app)
+    p = sub.add_parser(
+        "server", help="the team's MLflow server: PostgreSQL + proxied artifacts (README)"
+    )
+    p.add_argument(
+        "--backend-store-uri",
+        help="PostgreSQL URI, e.g. postgresql://mlflow@db-host/mlflow (password: PGPASSWORD "
+        "or ~/.pgpass); default: a throwaway local cluster, deleted on exit",
+    )
+    p.add_argument(
+        "--artifacts-destination",
+        help="folder or s3://bucket/path where the server keeps artifacts (required with "
+        "--backend-store-uri; default: a temp folder deleted on exit)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000; 0: a free one)")
+    p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
+    p.add_argument(
+        "mlflow_args",
+        nargs=argparse.REMAINDER,
+        help="after --: more `mlflow server` options, e.g. -- --app-name basic-auth",
+    )
+    p.set_defaults(handler=_server)
     return parser
 
 
@@ -63,6 +93,18 @@ def _app(args) -> int:
     from digits.app import main as app
 
     return app(args)
+
+
+def _server(args) -> int:
+    from digits.server import main as server
+
+    return server(args)
+
+
+def _promote(args) -> int:
+    from digits.promote import main as promote
+
+    return promote(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,124 @@
+"""`digits app`: a page to draw a digit (or upload a picture of one) and see what the model
+thinks: the ten probabilities and the 28x28 image it was given.
+
+One FastAPI app served by uvicorn on 127.0.0.1. The page is plain HTML/JS/CSS from
+`digits/static` (nothing from a CDN). `POST /predict` takes the image's bytes as the body,
+with an `image/*` Content-Type (no multipart form, so no extra parser), and runs the same
+`preprocess` as `digits predict`. A bad request gets a 4xx whose JSON `detail` says what was
+wrong, and the server goes on serving.
+
+Only the `digits app` handler imports this module; mlflow and torch load with the model."""
+
+from __future__ import annotations
+
+import socket
+from importlib.resources import files
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from digits.errors import DigitsError
+from digits.mnist import COLS, ROWS
+from digits.predict import MAX_BYTES, ImageError, load_model, preprocess, probabilities, read_image
+
+STATIC = files("digits") / "static"
+# Past MAX_BYTES a body is read and dropped (not kept) so the client can finish sending and
+# read the 413; past this much more, the connection is simply closed.
+DRAIN_LIMIT = 4 * MAX_BYTES
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, at most MAX_BYTES of it, else 413. (uvicorn has already refused a
+    malformed Content-Length; chunked bodies have none, so the count is ours.)"""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BYTES:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT:
+            break
+    if size > MAX_BYTES:
+        raise HTTPException(
+            413, f"upload of {size / 2**20:.1f} MiB or more: the limit is {MAX_BYTES // 2**20} MiB"
+        )
+    return b"".join(chunks)
+
+
+def create_app(model, model_uri: str) -> FastAPI:
+    """The app around an already loaded pyfunc `model` (loading takes seconds: do it once)."""
+    app = FastAPI(title="digits", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": model_uri}
+
+    def answer(body: bytes, name: str) -> dict:
+        x = preprocess(read_image(body, name), name)
+        p = probabilities(model, x[None])[0]
+        return {
+            "digit": int(np.argmax(p)),
+            "probabilities": [round(float(v), 6) for v in p],
+            "image": np.round(x.reshape(ROWS, COLS), 3).tolist(),  # what the model saw
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await read_body(request)  # read even when refused: the client gets the answer
+        if not kind.startswith("image/"):
+            raise HTTPException(
+                415,
+                f"Content-Type {kind or '(none)'!r}: expected an image type such as image/png "
+                "or image/jpeg, with the image's bytes as the body",
+            )
+        if not body:
+            raise HTTPException(400, "empty body: expected the image's bytes")
+        try:
+            return await run_in_threadpool(answer, body, "the upload")
+        except ImageError as e:
+            status = 422 if "no ink" in str(e) else 400
+            raise HTTPException(status, str(e)) from None
+
+    return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the socket ourselves: a clear error when the port is taken, and --port 0 works
+    (the OS picks a free port, printed at start)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
+    # so, and with Nagle on every answer waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise DigitsError(
+            f"{host}:{port}: cannot listen ({e.strerror}); try another --port"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(args) -> int:
+    """The `digits app` handler: load the model, then serve until Ctrl+C."""
+    sock = listen(args.host, args.port)  # first: a taken port fails before seconds of loading
+    model = load_model(args.model)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"digits app: {args.model} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
+    config = uvicorn.Config(create_app(model, args.model), log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,185 @@
+// The drawing page: pointer events (mouse, pen and touch alike) draw dark ink on white; when a
+// stroke ends the canvas goes to POST /predict as a PNG, and the answer fills the bars and the
+// 28x28 preview. The server does all the preprocessing, the same as `digits predict`.
+"use strict";
+
+const pad = document.getElementById("pad");
+const ctx = pad.getContext("2d");
+const seen = document.getElementById("seen").getContext("2d");
+const digitEl = document.getElementById("digit");
+const confidenceEl = document.getElementById("confidence");
+const statusEl = document.getElementById("status");
+const upload = document.getElementById("upload");
+const INK_WIDTH = 20; // in canvas pixels (280 wide): about MNIST's stroke once scaled to 20 px
+let requestId = 0; // numbers the requests: only the latest one's answer is shown
+
+// ten rows: label, bar, value
+const bars = [];
+for (let d = 0; d < 10; d++) {
+  const li = document.createElement("li");
+  li.innerHTML = `<span class="label">${d}</span><span class="track"><span class="bar"></span></span><span class="value">–</span>`;
+  document.getElementById("bars").appendChild(li);
+  bars.push({ li, bar: li.querySelector(".bar"), value: li.querySelector(".value") });
+}
+
+function setStatus(text, isError = false) {
+  statusEl.textContent = text;
+  statusEl.classList.toggle("error", isError);
+}
+
+function clearPad() {
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, pad.width, pad.height);
+}
+
+function resetAnswer() {
+  digitEl.textContent = "?";
+  digitEl.dataset.state = "idle";
+  confidenceEl.textContent = "";
+  for (const b of bars) {
+    b.bar.style.width = "0";
+    b.value.textContent = "–";
+    b.li.classList.remove("top");
+  }
+  seen.clearRect(0, 0, 28, 28);
+}
+
+// --- drawing ---------------------------------------------------------------------------------
+let drawing = false;
+let last = null;
+
+function canvasPoint(e) {
+  // the canvas may be shown smaller than its 280x280 pixels (narrow screens)
+  const r = pad.getBoundingClientRect();
+  return { x: ((e.clientX - r.left) * pad.width) / r.width, y: ((e.clientY - r.top) * pad.height) / r.height };
+}
+
+function segment(a, b) {
+  ctx.strokeStyle = "#000";
+  ctx.lineWidth = INK_WIDTH;
+  ctx.lineCap = "round";
+  ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.moveTo(a.x, a.y);
+  ctx.lineTo(b.x, b.y);
+  ctx.stroke();
+}
+
+pad.addEventListener("pointerdown", (e) => {
+  if (e.pointerType === "mouse" && e.button !== 0) return;
+  e.preventDefault();
+  pad.setPointerCapture(e.pointerId);
+  drawing = true;
+  last = canvasPoint(e);
+  segment(last, last); // a tap leaves a dot
+});
+
+pad.addEventListener("pointermove", (e) => {
+  if (!drawing) return;
+  // coalesced events: every point the pointer passed, not just one per frame
+  const events = (e.getCoalescedEvents && e.getCoalescedEvents()) || [];
+  for (const ev of events.length ? events : [e]) {
+    const p = canvasPoint(ev);
+    segment(last, p);
+    last = p;
+  }
+});
+
+function endStroke() {
+  if (!drawing) return;
+  drawing = false;
+  pad.toBlob((blob) => send(blob, "image/png", "your drawing"), "image/png");
+}
+pad.addEventListener("pointerup", endStroke);
+pad.addEventListener("pointercancel", endStroke);
+
+document.getElementById("clear").addEventListener("click", () => {
+  requestId++; // an answer still on its way is for the old drawing: drop it
+  clearPad();
+  resetAnswer();
+  setStatus("Draw a digit in the box.");
+});
+
+// --- upload ----------------------------------------------------------------------------------
+upload.addEventListener("change", () => {
+  const file = upload.files[0];
+  if (!file) return;
+  showPicture(file);
+  send(file, file.type || "application/octet-stream", file.name);
+  upload.value = ""; // choosing the same file again fires `change` again
+});
+
+function showPicture(file) {
+  // the picture goes on the pad (fitted, centred) so the user sees what was sent
+  const url = URL.createObjectURL(file);
+  const img = new Image();
+  img.onload = () => {
+    clearPad();
+    const s = Math.min(pad.width / img.width, pad.height / img.height);
+    const w = img.width * s, h = img.height * s;
+    ctx.drawImage(img, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+    URL.revokeObjectURL(url);
+  };
+  img.onerror = () => URL.revokeObjectURL(url);
+  img.src = url;
+}
+
+// --- the model -------------------------------------------------------------------------------
+async function send(body, type, what) {
+  const id = ++requestId;
+  digitEl.dataset.state = "pending";
+  setStatus(`Reading ${what}…`);
+  let response, data;
+  try {
+    response = await fetch("predict", { method: "POST", headers: { "Content-Type": type }, body });
+    data = await response.json().catch(() => ({}));
+  } catch (err) {
+    if (id === requestId) fail(`The server did not answer (${err.message}). Is \`digits app\` still running?`);
+    return;
+  }
+  if (id !== requestId) return; // a newer stroke or upload has been sent since
+  if (!response.ok) {
+    fail(data.detail || `The server refused it (HTTP ${response.status}).`);
+    return;
+  }
+  show(data, what);
+}
+
+function fail(message) {
+  resetAnswer();
+  digitEl.dataset.state = "error";
+  setStatus(message, true);
+}
+
+function show(data, what) {
+  const p = data.probabilities;
+  digitEl.textContent = String(data.digit);
+  confidenceEl.textContent = `${(100 * p[data.digit]).toFixed(1)}% sure`;
+  bars.forEach((b, d) => {
+    b.bar.style.width = `${(100 * p[d]).toFixed(1)}%`;
+    b.value.textContent = `${(100 * p[d]).toFixed(1)}%`;
+    b.li.classList.toggle("top", d === data.digit);
+  });
+  drawSeen(data.image);
+  digitEl.dataset.state = "done";
+  digitEl.dataset.answers = String(Number(digitEl.dataset.answers) + 1);
+  setStatus(`The model reads ${what} as ${data.digit}.`);
+}
+
+function drawSeen(rows) {
+  // light ink on black, as the model sees it (and as MNIST stores digits)
+  const pixels = seen.createImageData(28, 28);
+  rows.flat().forEach((v, i) => {
+    const g = Math.round(255 * v);
+    pixels.data.set([g, g, g, 255], 4 * i);
+  });
+  seen.putImageData(pixels, 0, 0);
+}
+
+fetch("health")
+  .then((r) => r.json())
+  .then((info) => (document.getElementById("model").textContent = info.model))
+  .catch(() => {});
+
+clearPad();
+resetAnswer();

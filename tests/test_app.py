@@ -1,0 +1,239 @@
+"""`digits app`, the drawing page: the real server (`digits app` in a subprocess on 127.0.0.1)
+with a real registered model, its /predict endpoint under good and bad requests, and the page
+in Debian's headless Chromium: strokes drawn with pointer events must be read as a 1 and a 0,
+and an uploaded picture as its digit."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digits.data import read_pair
+from digits.predict import MAX_BYTES, preprocess, read_image
+from helpers import mnist_dir, photo_like, run, start_chromium
+
+DIGITS = str(Path(sys.executable).parent / "digits")
+pytestmark = pytest.mark.slow  # a real server, a trained model, a browser
+
+
+@pytest.fixture(scope="module")
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+    return read_pair(mnist_dir(), "t10k")
+
+
+@pytest.fixture(scope="module")
+def server(champion, tmp_path_factory):
+    """`digits app --port 0` (a free port, which it prints): the base URL while it runs."""
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [DIGITS, "app", "--port", "0", "--model", champion["model_uri"]],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **champion["env"], "OMP_NUM_THREADS": "1"},
+            cwd=log.parent,
+        )
+    try:
+        url = wait_for_url(proc, log)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)  # uvicorn's Ctrl+C: a clean shutdown
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for_url(proc: subprocess.Popen, log: Path, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"on (http://127\.0\.0\.1:\d+/)", log.read_text())
+        if m:
+            return m.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"digits app did not start (exit {proc.poll()}):\n{log.read_text()}")
+
+
+def request(url: str, body: bytes | None = None, content_type: str | None = None, method=None):
+    """(status, parsed JSON or text) of one HTTP request; 4xx/5xx are answers, not errors."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    req = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, kind, data = r.status, r.headers.get("content-type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        status, kind, data = e.code, e.headers.get("content-type", ""), e.read()
+    return status, json.loads(data) if kind.startswith("application/json") else data.decode()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def test_the_page_and_everything_it_loads_are_served_locally(server):
+    status, page = request(server)
+    assert status == 200
+    assert '<canvas id="pad"' in page and 'id="upload"' in page
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sorted(assets) == ["static/app.js", "static/style.css"]
+    for text in [page] + [request(server + a)[1] for a in assets]:
+        assert not re.search(r"https?:|//[a-z]|@import", text), "the page must not need a network"
+    assert request(server + "health") == (
+        200,
+        {"status": "ok", "model": "models:/mnist-mlp@champion"},
+    )
+
+
+def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
+    """The endpoint answers with the digit, ten probabilities, and the very 28x28 image that
+    the shared preprocessing makes of the upload."""
+    x, y = mnist_test
+    rng = np.random.default_rng(5)
+    right = 0
+    for i in range(20):
+        fmt = "JPEG" if i % 2 else "PNG"
+        body = photo_like(x[i], rng, fmt)
+        status, answer = request(server + "predict", body, f"image/{fmt.lower()}")
+        assert status == 200, answer
+        assert len(answer["probabilities"]) == 10
+        assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
+        assert answer["digit"] == int(np.argmax(answer["probabilities"]))
+        seen = np.array(answer["image"], dtype=np.float32)
+        assert seen.shape == (28, 28)
+        np.testing.assert_allclose(seen.ravel(), preprocess(read_image(body)), atol=6e-4)
+        right += answer["digit"] == y[i]
+    assert right >= 18
+
+
+BLANK = png_bytes(Image.new("RGB", (200, 200), "white"))
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "content_type", "status", "says"),
+    [
+        ("POST", b'{"inputs": [1, 2]}', "application/json", 415, "expected an image type"),
+        ("POST", BLANK, None, 415, "expected an image type"),  # urllib: a form's type
+        ("POST", b"", "image/png", 400, "empty body"),
+        ("POST", b"GIF89a but not really", "image/gif", 400, "not an image"),
+        ("POST", BLANK, "image/png", 422, "no ink"),
+        ("POST", b"\0" * (MAX_BYTES + 1), "image/png", 413, "limit is 25 MiB"),
+        ("GET", None, None, 405, "Method Not Allowed"),
+    ],
+    ids=["json", "form", "empty", "garbage", "blank", "huge", "get"],
+)
+def test_bad_requests_get_a_4xx_that_says_why(
+    server, mnist_test, method, body, content_type, status, says
+):
+    got, answer = request(server + "predict", body, content_type, method=method)
+    assert got == status
+    assert says in answer["detail"]
+    # and the server still serves
+    ok, answer = request(
+        server + "predict", photo_like(mnist_test[0][0], np.random.default_rng(0)), "image/png"
+    )
+    assert ok == 200 and answer["digit"] == mnist_test[1][0]
+
+
+def test_a_taken_port_is_one_line(champion, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run([DIGITS, "app", "--port", str(port)], tmp_path, env=champion["env"], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"digits app: error: 127.0.0.1:{port}: cannot listen (Address already in use); "
+        "try another --port"
+    ]
+
+
+# --- the page, in a real browser ---------------------------------------------------------------
+
+
+def draw(driver, pad, points: list[tuple[float, float]]) -> None:
+    """One stroke through `points` (pixels from the pad's centre), as pointer events."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    actions = ActionChains(driver, duration=0)
+    actions.move_to_element_with_offset(pad, *points[0]).click_and_hold()
+    for x, y in points[1:]:
+        actions.move_to_element_with_offset(pad, x, y)
+    actions.release().perform()
+
+
+def answer_after(driver, count: int) -> str:
+    """The digit shown once the page has had `count` answers in all."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    digit = driver.find_element(By.ID, "digit")
+    WebDriverWait(driver, 30).until(
+        lambda d: (
+            digit.get_attribute("data-answers") == str(count)
+            or digit.get_attribute("data-state") == "error"
+        )
+    )
+    assert digit.get_attribute("data-state") == "done", driver.find_element(By.ID, "status").text
+    return digit.text
+
+
+def test_drawing_and_uploading_in_chromium(server, mnist_test, tmp_path):
+    driver = start_chromium()
+    from selenium.webdriver.common.by import By
+
+    try:
+        driver.get(server)
+        pad = driver.find_element(By.ID, "pad")
+        assert driver.find_element(By.ID, "digit").text == "?"
+
+        one = [(8 - 0.08 * (y + 100), y) for y in range(-100, 101, 10)]  # slightly slanted
+        draw(driver, pad, one)
+        assert answer_after(driver, 1) == "1"
+
+        driver.find_element(By.ID, "clear").click()
+        assert driver.find_element(By.ID, "digit").text == "?"
+        angles = np.linspace(0, 2 * np.pi, 41)
+        zero = [(65 * np.sin(a), -95 * np.cos(a)) for a in angles]
+        draw(driver, pad, zero)
+        assert answer_after(driver, 2) == "0"
+        bars = driver.find_elements(By.CSS_SELECTOR, "#bars li")
+        assert len(bars) == 10 and "top" in bars[0].get_attribute("class")
+        # the 28x28 image the model saw is drawn: a ring of ink, dark in the middle
+        seen = driver.execute_script(
+            "const c = document.getElementById('seen').getContext('2d');"
+            "return Array.from(c.getImageData(0, 0, 28, 28).data).filter((v, i) => i % 4 == 0);"
+        )
+        seen = np.array(seen).reshape(28, 28)
+        assert seen.max() == 255 and seen[14, 14] < 50 and seen[4:24, 4:24].mean() > 30
+
+        x, y = mnist_test
+        picture = tmp_path / "my digit.jpg"
+        picture.write_bytes(photo_like(x[1], np.random.default_rng(6), "JPEG"))  # a 2
+        driver.find_element(By.ID, "upload").send_keys(str(picture))
+        assert answer_after(driver, 3) == str(y[1])
+        assert "my digit.jpg" in driver.find_element(By.ID, "status").text
+        driver.save_screenshot(str(tmp_path / "page.png"))
+    finally:
+        driver.quit()
