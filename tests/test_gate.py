@@ -1,7 +1,8 @@
-"""Champion/challenger promotion against a real SQLite model registry.
-
-Models are trained for real on a tiny synthetic data set; a "crippled" variant never predicts
-digit 9, so its accuracy is about 10 points lower while every other gate can still pass."""
+"""The gate against a real SQLite model registry, on a clean commit of `main` (a promotion run):
+champion/challenger promotion, the paired test and the high-water mark, the cached scores, the
+descriptions, and the exit status. The models have hand-set weights with exact accuracies
+(gate_workspace.py); the governance scenarios (experiments, branches, `digits promote`) are in
+test_governance.py."""
 
 from __future__ import annotations
 
@@ -10,112 +11,96 @@ import shutil
 
 import mlflow
 import pytest
-import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
-from digits import evaluate, gate
+from digits import gate
 from digits.config import parse_params
-from digits.data import preprocess
-from digits.files import DATA_SUMMARY, GATE_REPORT, MODEL, RUN_INFO, TEST_DATA, TRAIN_DATA
-from digits.model import build_mlp, save_model
-from digits.train import run as train_run
-from helpers import make_fake_mnist
+from digits.files import GATE_REPORT, TEST_DATA
+from gate_workspace import N_TEST, NAME, aliases, heldout_set, make_workspace, register
 
-NAME = "mnist-mlp"
-GOOD = "good.safetensors"
+# absolute gates the crippled model (~90%: never predicts 9) passes, so only the comparisons
+# with the champion can stop it
+GATES = {"min_accuracy": 0.85, "max_loss": 100.0, "min_class_recall": 0.0}
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """A project folder with fake data, its own SQLite registry, and a trained model."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # marks the root for repo_root()
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    root = tmp_path / "project"
+    make_workspace(root, GATES)
+    monkeypatch.chdir(root)
+    for var in ("DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the env
-    raw = make_fake_mnist(tmp_path / "data/raw", n_train=1000, n_test=500)
-    preprocess(raw, TRAIN_DATA, TEST_DATA, DATA_SUMMARY, val_size=100, seed=0)
-    params = parse_params(
-        {
-            "train": {"epochs": 4, "batch_size": 32, "hidden_sizes": [32, 16], "lr": 0.01},
-            "evaluate": {"misclassified_shown": 6},
-            # absolute gates the crippled model (~90%) passes, so only the drop gate can stop it
-            "gates": {
-                "min_accuracy": 0.85,
-                "max_loss": 100.0,
-                "min_class_recall": 0.0,
-                "max_accuracy_drop": 0.002,
-            },
-        }
-    )
-    train_run(params)
-    shutil.copy(MODEL, GOOD)
-    return tmp_path, params
+    return root, parse_params(yaml.safe_load((root / "params.yaml").read_text()))
 
 
-def register(params, variant: str) -> str:
-    """Register the trained model ('good'), or a variant of it, as a new version."""
-    from digits.model import load_model
-
-    model = load_model(GOOD)
-    if variant == "crippled":  # never predicts 9
-        with torch.no_grad():
-            model[-1].bias[9] = -1e4
-    elif variant == "garbage":  # untrained weights
-        torch.manual_seed(1)
-        model = build_mlp(params.train.hidden_sizes)
-    save_model(model, MODEL, params.train.hidden_sizes, 0.0)
-    evaluate.run(params)
-    return json.loads(RUN_INFO.read_text())["version"]
+def line(report: str, start: str) -> str:
+    return next(x for x in report.splitlines() if x.startswith(start))
 
 
-def aliases(client) -> dict:
-    return {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()}
-
-
+@pytest.mark.slow  # four versions registered through the evaluate stage
 def test_promotion_sequence(workspace):
     _, params = workspace
     client = MlflowClient()
 
     # 1. no champion yet: the first version passing the absolute gates becomes champion
-    v1 = register(params, "crippled")
+    v1 = register(params, variant="crippled")
     gate.run(params)
     assert aliases(client) == {"champion": v1}
-    assert client.get_model_version(NAME, v1).tags["validation_status"] == "approved"
-    assert "the first champion" in GATE_REPORT.read_text()
+    v = client.get_model_version(NAME, v1)
+    assert v.tags["validation_status"] == "approved"
+    assert v.tags["promoted_by"].startswith("gate: pipeline run on main@")
+    report = GATE_REPORT.read_text()
+    assert "the first champion" in report and "champion: none yet" in report
+    assert "- thresholds: `gates` from main@" in report
 
     # 2. a better one takes over; the old champion becomes previous
-    v2 = register(params, "good")
+    v2 = register(params)
     gate.run(params)
     assert aliases(client) == {"champion": v2, "previous": v1}
     report = GATE_REPORT.read_text()
-    assert "max_accuracy_drop" in report and f"champion v{v1}" in report
+    # the nines the crippled champion misses, and no image the other way round
+    nines = int((heldout_set()[1] == 9).sum())
+    crippled = 1 - nines / N_TEST
+    assert "b = 0 (champion right" in report and f"c = {nines} (version" in report
+    assert f"high-water mark: {crippled:.4f}, version {v1}" in report
+    desc = client.get_model_version(NAME, v2).description
+    points = 100 * (1 - crippled)
+    assert f"Compared with champion version {v1} ({crippled:.2%}): +{points:.2f} points" in desc
+    assert "Gate: APPROVED and promoted to @champion" in desc
 
-    # 3. worse than the champion by more than the allowed drop: rejected, champion unchanged
-    v3 = register(params, "crippled")
-    with pytest.raises(gate.GateFailed, match="max_accuracy_drop"):
+    # 3. worse than the champion: significantly (McNemar) and below the high-water mark
+    v3 = register(params, variant="crippled")
+    with pytest.raises(gate.GateFailed, match="not_worse_than_champion") as failed:
         gate.run(params)
+    assert "max_accuracy_drop" in str(failed.value)
     assert aliases(client) == {"champion": v2, "previous": v1}
     tags = client.get_model_version(NAME, v3).tags
     assert tags["validation_status"] == "rejected"
-    assert "max_accuracy_drop" in tags["validation_reasons"]
-    assert "REJECTED" in GATE_REPORT.read_text()
+    assert "not_worse_than_champion" in tags["validation_reasons"]
+    report = GATE_REPORT.read_text()
+    assert "REJECTED" in report and f"b = {nines}" in report
+    assert "Gate: REJECTED" in client.get_model_version(NAME, v3).description
 
     # 4. below an absolute gate: rejected with the gate named
-    v4 = register(params, "garbage")
+    v4 = register(params, variant="garbage")
     with pytest.raises(gate.GateFailed, match="min_accuracy"):
         gate.run(params)
     assert aliases(client) == {"champion": v2, "previous": v1}
     assert "min_accuracy" in client.get_model_version(NAME, v4).tags["validation_reasons"]
 
-    # every version carries its provenance tags
+    # every version carries its provenance, its score and a description linking its run
     for v in (v1, v2, v3, v4):
-        tags = client.get_model_version(NAME, v).tags
-        assert {"git_commit", "test_accuracy", "data.train_sha256", "data.test_sha256"} <= set(tags)
+        mv = client.get_model_version(NAME, v)
+        assert {"git_commit", "test_accuracy", "data.test_sha256", "gate.score"} <= set(mv.tags)
+        run_id = mv.tags["run_id"]
+        exp = client.get_run(run_id).info.experiment_id
+        assert f"(#/experiments/{exp}/runs/{run_id})" in mv.description
 
     # the champion alias is what predict and serving load
-    import mlflow.pyfunc
     import numpy as np
 
     with np.load(TEST_DATA) as f:
@@ -123,24 +108,66 @@ def test_promotion_sequence(workspace):
     assert mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(x).shape == (5, 10)
 
 
+@pytest.mark.slow  # five versions registered through the evaluate stage
+def test_champion_score_comes_from_the_cache_only_when_its_key_matches(workspace):
+    _, params = workspace
+    client = MlflowClient()
+    v1 = register(params, wrong=3)
+    gate.run(params)
+    record = json.loads(client.get_model_version(NAME, v1).tags["gate.score"])
+    assert record["metrics"]["accuracy"] == 0.9985 and record["n"] == 2000
+
+    register(params)  # the champion's score is reused: same model files, data and metric code
+    gate.run(params)
+    champion = line(GATE_REPORT.read_text(), "- champion:")
+    assert f"version {v1}, accuracy 0.9985 (cached score" in champion
+    assert "b = 0" in GATE_REPORT.read_text() and "c = 3" in GATE_REPORT.read_text()
+
+    # a cache made on other test data, of other model files, or that contradicts itself
+    # is not used: the champion is scored again and the record rewritten
+    for field, value in (
+        ("test_sha256", "0" * 64),
+        ("model_sha256", "0" * 64),
+        ("metrics", {**record["metrics"], "accuracy": 0.5}),
+    ):
+        champ = aliases(client)["champion"]
+        good = json.loads(client.get_model_version(NAME, champ).tags["gate.score"])
+        client.set_model_version_tag(NAME, champ, "gate.score", json.dumps({**good, field: value}))
+        register(params)
+        gate.run(params)
+        champion = line(GATE_REPORT.read_text(), "- champion:")
+        assert f"version {champ}, accuracy 1.0000 (scored now)" in champion, field
+        assert json.loads(client.get_model_version(NAME, champ).tags["gate.score"]) == good
+
+
 def test_first_version_failing_absolute_gate_leaves_no_champion(workspace):
     _, params = workspace
     client = MlflowClient()
-    v1 = register(params, "garbage")
+    v1 = register(params, variant="garbage")
     with pytest.raises(gate.GateFailed):
         gate.run(params)
     assert aliases(client) == {}
     assert client.get_model_version(NAME, v1).tags["validation_status"] == "rejected"
 
 
+def test_outside_git_a_passing_version_is_approved_but_not_promoted(workspace):
+    root, params = workspace
+    shutil.rmtree(root / ".git")  # a plain folder: no promotion branch
+    client = MlflowClient()
+    v1 = register(params)
+    gate.run(params)
+    assert aliases(client) == {"challenger": v1}
+    assert client.get_model_version(NAME, v1).tags["validation_status"] == "approved"
+    report = GATE_REPORT.read_text()
+    assert "- thresholds: `gates` from this folder's params.yaml" in report
+    assert f"**APPROVED**, not promoted: {root} is not in a git repository" in report
+
+
 def test_gate_command_exits_nonzero_naming_gates(workspace, capsys):
     _, params = workspace
-    import yaml
-
     from digits.stage import run_stage
 
-    register(params, "garbage")
-    (workspace[0] / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    register(params, variant="garbage")
     capsys.readouterr()  # drop what registering printed
     assert run_stage("gate") == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -34,6 +34,20 @@ class AugmentParams(_Strict):
     elastic_alpha: float = Field(0.0, ge=0)
     elastic_sigma: float = Field(5.0, gt=0)
     group_size: int = Field(8, ge=1)
+    # method "groups": the transforms.v2 above, one random draw per group of `group_size`.
+    # method "warp": every image its own affine + elastic warp, all in one grid_sample per
+    # batch (elastic field drawn at warp_grid x warp_grid and upsampled), then the photometric
+    # changes below; the elastic_* keys and group_size are not used. See train.BatchWarp.
+    method: Literal["groups", "warp"] = "groups"
+    shear: float = Field(0.0, ge=0, le=45)  # degrees, both methods; 0 = none
+    warp_elastic: float = Field(0.0, ge=0, le=5)  # std of the field's displacement, in pixels
+    warp_grid: int = Field(4, ge=2, le=28)  # control points per side of the elastic field
+    photometric_prob: float = Field(0.5, ge=0, le=1)  # chance of each change below, per image
+    noise_std: float = Field(0.0, ge=0, le=1)  # Gaussian noise, std ~ U(0, noise_std)
+    contrast: float = Field(0.0, ge=0, lt=1)  # ink scaled by U(1 - contrast, 1)
+    brightness: float = Field(0.0, ge=0, le=1)  # background lifted by U(0, brightness)
+    strokes: bool = False  # dilate, erode or blur (one of the three, chosen per image)
+    erase: int = Field(0, ge=0, le=20)  # a black square up to this many pixels a side
 
     @field_validator("scale")
     @classmethod
@@ -87,6 +101,12 @@ class GateParams(_Strict):
     max_loss: float = Field(0.2, gt=0)
     min_class_recall: float = Field(0.95, ge=0, le=1)
     max_accuracy_drop: float = Field(0.002, ge=0, le=1)
+    # worst accuracy over digits.robustness' corrupted test sets; 0 = off (costs nothing)
+    min_corruption_accuracy: float = Field(0.0, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=1)  # McNemar's one-sided test vs the champion
+    # Only a clean pipeline run of this branch moves @champion, and the gate judges by the gates
+    # committed on it. Read from HEAD's committed params.yaml, so `-S` cannot redirect it.
+    promotion_branch: str = Field("main", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 
 
 class Params(_Strict):

@@ -115,6 +115,8 @@ def run(params) -> dict:
     from digits.model import load_model, predict_logits
     from digits.reports import read_history, write_metrics, write_predictions
 
+    # the store first: a dead tracking server fails the stage now, not after the scoring
+    tracking.connect(params.mlflow.experiment)
     model = load_model(MODEL)
     test_x, test_y = load_split(TEST_DATA, "test")
     logits = predict_logits(model, test_x, params.evaluate.batch_size)

@@ -15,6 +15,7 @@ TRAIN_DATA = Path("data/processed/train.npz")  # train + validation split
 TEST_DATA = Path("data/processed/test.npz")
 DATA_SUMMARY = Path("reports/data.json")
 MODEL = Path("models/model.safetensors")
+TRAIN_INFO = Path("models/train_info.json")  # when, how fast, on what: wall clock, not in git
 HISTORY = Path("reports/train_history.csv")
 METRICS = Path("reports/metrics.json")
 PREDICTIONS = Path("reports/predictions.csv")

@@ -1,28 +1,48 @@
-"""The metric gate and champion/challenger promotion in the MLflow model registry.
+"""The metric gate: may the version just registered replace `@champion`?
 
-The challenger is the version the evaluate stage just registered. Both it and the current
-champion are loaded from the registry and scored here, on the same test set in the same
-process, so the comparison never trusts numbers stored when the champion was registered.
+The new version (the one the evaluate stage registered) is loaded from the registry and scored
+here, always afresh. It must pass, by the thresholds committed on the promotion branch
+(`promote.context`):
 
-Passing every gate moves the alias `champion` to the challenger and `previous` to the version
-it replaces; each version gets `validation_status` = approved / rejected (with the reasons)."""
+- the absolute gates (accuracy, loss, every digit's recall);
+- McNemar's exact test against the champion, paired on the same test images: rejected if it is
+  significantly worse (one-sided, `gates.alpha`);
+- the high-water mark: accuracy at least the best any champion has had on this test set, minus
+  `gates.max_accuracy_drop`, so a chain of slightly worse versions cannot drift down.
+
+Scores of the champion and past champions come from a cache in the registry (the version tag
+`gate.score`) when its key matches: the sha256 of the model's files as downloaded now, of the
+test data, and of the metric code. Otherwise they are scored again and the cache rewritten. Only
+a promotion-branch run moves `@champion`/`@previous`; elsewhere a version that passes is
+approved and may become `@challenger`. Every version gets a description saying why."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from digits import promote
 from digits.errors import DigitsError
 from digits.metrics import compute_metrics, worst_recall
+from digits.promote import CHALLENGER, CHAMPION, PREVIOUS
 
-CHAMPION, PREVIOUS = "champion", "previous"
+CACHE_TAG = "gate.score"
+CACHE_FORMAT = 1  # of the record in CACHE_TAG: bump when what a score means changes
 
 
 class GateFailed(DigitsError):
     """Raised after the report is written, when at least one gate failed."""
+
+
+class GateError(DigitsError):
+    """The gate could not judge (registry unreachable, a model that cannot be scored)."""
 
 
 @dataclass
@@ -33,6 +53,7 @@ class Check:
     threshold: float
     op: str  # ">=" or "<="
     note: str = ""
+    fmt: str = ".4f"
 
     @property
     def passed(self) -> bool:
@@ -41,18 +62,163 @@ class Check:
         return v >= t if self.op == ">=" else v <= t
 
     def reason(self) -> str:
-        return f"{self.gate}: {self.metric} {self.value:.4f} not {self.op} {self.threshold:.4f}"
+        return (
+            f"{self.gate}: {self.metric} {self.value:{self.fmt}} not {self.op} "
+            f"{self.threshold:{self.fmt}}"
+        )
 
 
-def score(model_uri: str, x: np.ndarray, y: np.ndarray) -> dict:
-    """Load a registered model with pyfunc (probabilities out) and score it on (x, y) with the
-    same metric code as the evaluate stage."""
-    import mlflow.pyfunc
-
-    return compute_metrics(mlflow.pyfunc.load_model(model_uri).predict(x), y)
+# --- McNemar's exact test -----------------------------------------------------------------------
 
 
-def checks(gates, new: dict, champion: dict | None, champion_version: str | None) -> list[Check]:
+def mcnemar_p(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value that the challenger is worse than the champion.
+
+    b = images the champion gets right and the challenger wrong, c = the reverse. Under "equally
+    good" each disagreement goes either way with probability 1/2, so p = P(X >= b) for
+    X ~ Binomial(b + c, 1/2). Images both get right (or wrong) say nothing about which is
+    better, which is why the paired test sees differences that two accuracies hide."""
+    if b + c == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(b, b + c, 0.5, alternative="greater").pvalue)
+
+
+@dataclass
+class Comparison:
+    champion: str
+    b: int  # champion right, challenger wrong
+    c: int  # challenger right, champion wrong
+    p: float
+
+
+def compare(champion: Score, new: Score) -> Comparison:
+    b = int((champion.correct & ~new.correct).sum())
+    c = int((new.correct & ~champion.correct).sum())
+    return Comparison(champion.version, b, c, mcnemar_p(b, c))
+
+
+# --- scores, and their cache in the registry ---------------------------------------------------
+
+
+@dataclass
+class Score:
+    version: str
+    metrics: dict
+    correct: np.ndarray  # bool per test image: the prediction was right
+    model_sha256: str
+    cached: bool
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+
+def files_sha256(folder: Path) -> str:
+    """sha256 over a model folder: every file's path and bytes, in sorted order. What is
+    hashed is exactly what pyfunc loads and scores."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def scorer_sha256() -> str:
+    """The metric code's identity: a cached score is reused only if accuracy, loss and recall
+    are still computed by the same code."""
+    import digits.metrics
+
+    h = hashlib.sha256(f"format {CACHE_FORMAT}\0".encode())
+    h.update(Path(digits.metrics.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def encode_correct(correct: np.ndarray) -> str:
+    # one bit per image, deflated: 10,000 images of a 98% model take about 300 characters
+    return base64.b64encode(zlib.compress(np.packbits(correct).tobytes(), 9)).decode()
+
+
+def decode_correct(text: str, n: int) -> np.ndarray:
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), np.uint8)
+    return np.unpackbits(bits)[:n].astype(bool)
+
+
+def cache_record(score: Score, test_sha256: str) -> str:
+    return json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "model_sha256": score.model_sha256,
+            "test_sha256": test_sha256,
+            "scorer_sha256": scorer_sha256(),
+            "n": len(score.correct),
+            "metrics": score.metrics,
+            "correct": encode_correct(score.correct),
+        },
+        sort_keys=True,
+    )
+
+
+def from_cache(text: str | None, model_sha256: str, test_sha256: str, n: int):
+    """(metrics, correct) from a cache record whose key matches, else None."""
+    try:
+        rec = json.loads(text or "")
+        key = (rec["format"], rec["model_sha256"], rec["test_sha256"], rec["scorer_sha256"])
+        if key != (CACHE_FORMAT, model_sha256, test_sha256, scorer_sha256()) or rec["n"] != n:
+            return None
+        correct = decode_correct(rec["correct"], n)
+        metrics = rec["metrics"]
+        # a record that contradicts itself is not trusted
+        if len(correct) != n or round(float(correct.mean()), 6) != metrics["accuracy"]:
+            return None
+        return metrics, correct
+    except (ValueError, KeyError, TypeError, zlib.error):
+        return None
+
+
+class Scorer:
+    """Scores registered versions of one model on one test set, each at most once per run."""
+
+    def __init__(self, client, name: str, x: np.ndarray, y: np.ndarray, test_sha256: str):
+        self.client, self.name, self.x, self.y = client, name, x, y
+        self.test_sha256 = test_sha256
+        self.scores: dict[str, Score] = {}
+        self.to_cache: dict[str, str] = {}  # version -> record to write (scored afresh)
+
+    def score(self, version: str, fresh: bool = False) -> Score:
+        if version not in self.scores:
+            self.scores[version] = self._score(version, fresh)
+        return self.scores[version]
+
+    def _score(self, version: str, fresh: bool) -> Score:
+        import mlflow.artifacts
+        import mlflow.pyfunc
+
+        with tempfile.TemporaryDirectory(prefix="digits-gate-") as tmp:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp
+                )
+            )
+            sha = files_sha256(local)
+            if not fresh:
+                tags = self.client.get_model_version(self.name, version).tags
+                hit = from_cache(tags.get(CACHE_TAG), sha, self.test_sha256, len(self.y))
+                if hit is not None:
+                    return Score(version, hit[0], hit[1], sha, cached=True)
+            probs = np.asarray(mlflow.pyfunc.load_model(str(local)).predict(self.x))
+        score = Score(
+            version, compute_metrics(probs, self.y), probs.argmax(1) == self.y, sha, cached=False
+        )
+        self.to_cache[version] = cache_record(score, self.test_sha256)
+        return score
+
+
+# --- the checks, the verdict, the report ------------------------------------------------------
+
+
+def checks(gates, new: dict, comparison: Comparison | None, high: Score | None) -> list[Check]:
     worst_digit, worst = worst_recall(new)
     out = [
         Check("min_accuracy", "accuracy", new["accuracy"], gates.min_accuracy, ">="),
@@ -65,54 +231,173 @@ def checks(gates, new: dict, champion: dict | None, champion_version: str | None
             ">=",
         ),
     ]
-    if champion is not None:
+    if comparison is not None:
+        out.append(
+            Check(
+                "not_worse_than_champion",
+                "McNemar one-sided p",
+                comparison.p,
+                gates.alpha,
+                ">=",
+                f"vs champion v{comparison.champion}: b = {comparison.b}, c = {comparison.c}",
+                fmt=".4g",
+            )
+        )
+    if high is not None:
         out.append(
             Check(
                 "max_accuracy_drop",
-                "accuracy vs champion",
+                "accuracy vs high-water mark",
                 new["accuracy"],
-                champion["accuracy"] - gates.max_accuracy_drop,
+                high.accuracy - gates.max_accuracy_drop,
                 ">=",
-                f"champion v{champion_version}: {champion['accuracy']:.4f}, "
+                f"high-water mark {high.accuracy:.4f} (v{high.version}), "
                 f"drop allowed {gates.max_accuracy_drop}",
             )
         )
     return out
 
 
+@dataclass
+class Outcome:
+    """What the gate decided and did, for the report and the version's description."""
+
+    name: str
+    version: str
+    results: list[Check]
+    ctx: promote.Context
+    champion: str | None  # the champion when the gate ran (None: there was none)
+    already: bool  # the version was the champion already
+    promoted: bool
+    challenger: str | None
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.results if not c.passed]
+
+
+def verdict(o: Outcome) -> str:
+    """One paragraph: what happened to the aliases, and why."""
+    if o.failed:
+        kept = f" (version {o.champion})." if o.champion else " (none)."
+        return (
+            f"**REJECTED**: {len(o.failed)} gate(s) failed: "
+            + ", ".join(c.gate for c in o.failed)
+            + ". The champion is unchanged"
+            + kept
+        )
+    if o.already:
+        return f"**APPROVED**: version {o.version} was already `@{CHAMPION}`."
+    if o.promoted:
+        was = (
+            f"; version {o.champion} is `@{PREVIOUS}`." if o.champion else " (the first champion)."
+        )
+        return f"**APPROVED**: version {o.version} is now `@{CHAMPION}`{was}"
+    if o.ctx.has_branch:
+        why = f"this version would be promoted from {o.ctx.branch}, but {o.ctx.why_not}."
+    else:
+        why = f"{o.ctx.why_not}."
+    if o.challenger == o.version:
+        alias = f"It is `@{CHALLENGER}`, the best approved version not yet promoted."
+    else:
+        alias = f"`@{CHALLENGER}` stays on version {o.challenger}, which is more accurate."
+    hand = f'A person can promote it: `digits promote {o.version} --reason "..."`.'
+    return f"**APPROVED**, not promoted: {why} {alias} {hand}"
+
+
 def report(
-    name: str, version: str, results: list[Check], champion_version: str | None, promoted: bool
+    o: Outcome,
+    new: Score,
+    champion: Score | None,
+    comparison: Comparison | None,
+    high: Score | None,
+    workspace_gates,
+    test_sha256: str,
 ) -> str:
-    lines = [f"# Gate report: {name} version {version}", ""]
-    lines.append("| gate | metric | value | threshold | result |")
-    lines.append("|---|---|---|---|---|")
-    for c in results:
-        limit = f"{c.op} {c.threshold:.4f}" + (f" ({c.note})" if c.note else "")
+    def origin(s: Score) -> str:
+        if s.cached:
+            return "cached score: same model, test data and metric code sha256"
+        return "scored now"
+
+    lines = [f"# Gate report: {o.name} version {o.version}", ""]
+    lines.append(f"- thresholds: `gates` from {o.ctx.source}")
+    lines.append(f"- test set: {len(new.correct)} images, sha256 {test_sha256[:12]}")
+    lines.append(f"- version {o.version}: accuracy {new.accuracy:.4f} ({origin(new)})")
+    if champion is not None and comparison is not None:
         lines.append(
-            f"| {c.gate} | {c.metric} | {c.value:.4f} | {limit} | "
+            f"- champion: version {champion.version}, accuracy {champion.accuracy:.4f} "
+            f"({origin(champion)})"
+        )
+        lines.append(
+            f"- paired on the same images, they disagree on {comparison.b + comparison.c}: "
+            f"b = {comparison.b} (champion right, version {o.version} wrong), "
+            f"c = {comparison.c} (version {o.version} right, champion wrong); "
+            f"McNemar exact one-sided p = {comparison.p:.4g}"
+        )
+    elif o.already:
+        lines.append(f"- version {o.version} is the champion")
+    else:
+        lines.append("- champion: none yet")
+    if high is not None:
+        lines.append(
+            f"- high-water mark: {high.accuracy:.4f}, version {high.version} "
+            f"({origin(high)}), the best any champion has scored on this test set"
+        )
+    lines += ["", "| gate | metric | value | threshold | result |", "|---|---|---|---|---|"]
+    for c in o.results:
+        limit = f"{c.op} {c.threshold:{c.fmt}}" + (f" ({c.note})" if c.note else "")
+        lines.append(
+            f"| {c.gate} | {c.metric} | {c.value:{c.fmt}} | {limit} | "
             f"{'pass' if c.passed else 'FAIL'} |"
         )
-    lines.append("")
-    failed = [c for c in results if not c.passed]
-    if failed:
-        lines.append(
-            f"**REJECTED**: {len(failed)} gate(s) failed: "
-            + ", ".join(c.gate for c in failed)
-            + ". The champion is unchanged"
-            + (f" (version {champion_version})." if champion_version else " (none).")
-        )
-    elif promoted:
-        lines.append(
-            f"**APPROVED**: version {version} is now `@{CHAMPION}`"
-            + (
-                f"; version {champion_version} is `@{PREVIOUS}`."
-                if champion_version
-                else " (the first champion)."
-            )
-        )
-    else:
-        lines.append(f"**APPROVED**: version {version} was already `@{CHAMPION}`.")
+    lines += ["", verdict(o)]
+    differ = promote.advisory(workspace_gates, o.ctx.gates)
+    if differ and o.ctx.has_branch:
+        lines += [
+            "",
+            "## Advisory: this workspace's own `gates` (not applied)",
+            "",
+            f"The gate judges by the thresholds committed on {o.ctx.branch}; a change to them "
+            f"is a reviewed commit to {o.ctx.branch}.",
+            "",
+            f"| key | this workspace | applied ({o.ctx.branch}) |",
+            "|---|---|---|",
+            *(f"| {k} | {mine} | {theirs} |" for k, mine, theirs in differ),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def describe(o: Outcome, new: Score, comparison, champion, high, info: dict) -> str:
+    """The registered version's description (markdown in the MLflow UI): why it exists and
+    how it compares with the champion."""
+    out = [f"Test accuracy **{new.accuracy:.2%}**, scored by the gate."]
+    if comparison is not None:
+        delta = 100 * (new.accuracy - champion.accuracy)
+        out.append(
+            f"Compared with champion version {champion.version} ({champion.accuracy:.2%}): "
+            f"{delta:+.2f} points; disagreements b = {comparison.b}, c = {comparison.c}, "
+            f"McNemar p = {comparison.p:.3g}."
+        )
+    elif not o.already:
+        out.append("No champion to compare with.")
+    if high is not None:
+        out.append(f"High-water mark {high.accuracy:.2%} (version {high.version}).")
+    if o.failed:
+        gate = "REJECTED: " + "; ".join(c.reason() for c in o.failed) + "."
+    elif o.already:
+        gate = f"APPROVED; already @{CHAMPION}."
+    elif o.promoted:
+        gate = f"APPROVED and promoted to @{CHAMPION} ({o.ctx.branch}@{o.ctx.commit[:7]})."
+    else:
+        where = f"would be promoted from {o.ctx.branch}, but " if o.ctx.has_branch else ""
+        gate = f"APPROVED, not promoted: {where}{o.ctx.why_not}."
+    out.append(f"Gate: {gate} Thresholds from {o.ctx.source}.")
+    run_id, exp = info.get("run_id", ""), info.get("experiment_id", "")
+    out.append(f"Run: [{run_id}](#/experiments/{exp}/runs/{run_id})")
+    return "\n\n".join(out)
+
+
+# --- the stage ----------------------------------------------------------------------------------
 
 
 def run(params) -> list[Check]:
@@ -121,47 +406,74 @@ def run(params) -> list[Check]:
     from mlflow.tracking import MlflowClient
 
     from digits import tracking
-    from digits.data import load_split
+    from digits.data import file_digest, load_split
     from digits.files import GATE_REPORT, RUN_INFO, TEST_DATA, write_text
 
     info = json.loads(Path(RUN_INFO).read_text())
-    name, version = info["registered_model"], info["version"]
+    name, version = info["registered_model"], str(info["version"])
+    ctx = promote.context(params)
     tracking.connect(params.mlflow.experiment)
-    client = MlflowClient(tracking.tracking_uri())
+    uri = tracking.tracking_uri()
+    client = MlflowClient(uri)
     test_x, test_y = load_split(TEST_DATA, "test")
-    x, y = test_x.numpy(), test_y.numpy()
+    test_sha256 = file_digest(TEST_DATA)
+    scorer = Scorer(client, name, test_x.numpy(), test_y.numpy(), test_sha256)
 
     try:
-        champ_version = client.get_model_version_by_alias(name, CHAMPION).version
-    except MlflowException:  # no champion yet
-        champ_version = None
-    already = champ_version == version
-    new = score(f"models:/{name}/{version}", x, y)
-    champion = None
-    if champ_version is not None and not already:
-        champion = score(f"models:/{name}/{champ_version}", x, y)
+        champ = promote.alias_version(client, name, CHAMPION)
+        already = champ == version
+        new = scorer.score(version, fresh=True)
+        champion = scorer.score(champ) if champ is not None and not already else None
+        comparison = compare(champion, new) if champion is not None else None
+        past = [scorer.score(v) for v in promote.ever_champions(client, name) if v != version]
+        high = max(past, key=lambda s: (s.accuracy, -int(s.version)), default=None)
 
-    results = checks(params.gates, new, champion, champ_version)
-    failed = [c for c in results if not c.passed]
-    with tracking.store_lock():
-        if failed:
-            client.set_model_version_tag(name, version, "validation_status", "rejected")
-            client.set_model_version_tag(
-                name, version, "validation_reasons", "; ".join(c.reason() for c in failed)
+        results = checks(ctx.gates, new.metrics, comparison, high)
+        failed = [c for c in results if not c.passed]
+        with tracking.store_lock(uri):
+            now = promote.alias_version(client, name, CHAMPION)
+            if now != champ:
+                raise GateError(
+                    f"{name}: @{CHAMPION} moved from version {champ} to {now} while the gate "
+                    "ran; run it again to compare with the new champion"
+                )
+            for v, record in scorer.to_cache.items():
+                client.set_model_version_tag(name, v, CACHE_TAG, record)
+            tag = lambda k, val: client.set_model_version_tag(name, version, k, val)  # noqa: E731
+            tag("gate.accuracy", str(new.accuracy))
+            tag("gate.thresholds", ctx.source)
+            tag(promote.STATUS, "rejected" if failed else promote.APPROVED)
+            if failed:
+                tag("validation_reasons", "; ".join(c.reason() for c in failed))
+            elif "validation_reasons" in client.get_model_version(name, version).tags:
+                client.delete_model_version_tag(name, version, "validation_reasons")
+            promoted = not failed and not already and ctx.may_promote
+            if promoted:
+                promote.record_promotion(
+                    client,
+                    name,
+                    version,
+                    by=f"gate: pipeline run on {ctx.branch}@{ctx.commit[:7]}",
+                    reason="passed the gate on a clean run of the promotion branch",
+                    via="gate",
+                )
+            outcome = Outcome(
+                name,
+                version,
+                results,
+                ctx,
+                champ,
+                already,
+                promoted,
+                promote.update_challenger(client, name),
             )
-        else:
-            client.set_model_version_tag(name, version, "validation_status", "approved")
-            if not already:
-                if champ_version is not None:
-                    client.set_registered_model_alias(name, PREVIOUS, champ_version)
-                client.set_registered_model_alias(name, CHAMPION, version)
-    text = report(
-        name,
-        version,
-        results,
-        None if already else champ_version,
-        promoted=not failed and not already,
-    )
+            client.update_model_version(
+                name, version, describe(outcome, new, comparison, champion, high, info)
+            )
+    except MlflowException as e:
+        raise GateError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
+
+    text = report(outcome, new, champion, comparison, high, params.gates, test_sha256)
     write_text(GATE_REPORT, text)
     print(text)
     if failed:

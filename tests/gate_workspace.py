@@ -1,0 +1,150 @@
+"""A workspace for the gate's tests: a git repository on `main` holding the project's dvc.yaml,
+.gitignore and a params.yaml with the test's gates (committed), fake MNIST-shaped data, and its
+own SQLite registry. Versions are registered through the real evaluate stage.
+
+The models are real MLPs with hand-set weights, so their accuracy is exact: on the fake data
+each digit is a bright bar at its own rows, and the network sums each bar's pixels. A "decoy"
+unit reads noise pixels of row 27 (never a bar) and pushes its weight onto digit 0: with the
+decoy's weight chosen from the test images, exactly `wrong` images flip to 0, and a model with
+more wrong images gets every image of a model with fewer wrong too (nested errors)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from helpers import ROOT, make_fake_mnist
+
+NAME = "mnist-mlp"
+N_TEST = 2000  # one image = 0.05 accuracy points
+SCALE = 20.0  # logit of a bar fully lit
+
+
+def git(root: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"git {' '.join(args)}: {proc.stderr}"
+    return proc.stdout.strip()
+
+
+def write_params(root: Path, gates: dict) -> dict:
+    """A whole params file (every key, as DVC's `-S` wants), with these gates."""
+    from digits.config import Params
+
+    raw = Params().model_dump(mode="json")
+    raw["data"].update(val_size=100, seed=0)
+    raw["evaluate"].update(misclassified_shown=6)
+    raw["gates"].update(gates)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return raw
+
+
+def make_repo(root: Path, gates: dict) -> Path:
+    """A git repository with the project's dvc.yaml and .gitignore and these gates, committed
+    on main."""
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    write_params(root, gates)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.email", "ada@example.com")
+    git(root, "config", "user.name", "Ada")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    return root
+
+
+def make_workspace(root: Path, gates: dict) -> None:
+    """make_repo, then the data and a history (what the stages before evaluate leave); the
+    caller chdirs into it."""
+    from digits import numerics
+    from digits.data import file_digest, preprocess
+    from digits.files import DATA_SUMMARY, HISTORY, TEST_DATA, TRAIN_DATA, TRAIN_INFO
+    from digits.reports import write_history
+
+    make_repo(root, gates)
+    # the pipeline's outputs (dvc.yaml outs): not uncommitted changes to the project
+    raw = make_fake_mnist(root / "data/raw", n_train=200, n_test=N_TEST)
+    preprocess(raw, root / TRAIN_DATA, root / TEST_DATA, root / DATA_SUMMARY, 100, 0)
+    row = {"epoch": 1, "train_loss": 0.1, "train_accuracy": 1.0, "val_loss": 0.1}
+    write_history(root / HISTORY, [{**row, "val_accuracy": 1.0, "lr": 0.01}])
+    info = {  # what the train stage records beside the model (digits.train.train_info)
+        "started_at": time.time(),
+        "seconds": 1.0,
+        "samples_per_second": 100.0,
+        "device": "cpu",
+        "numerics": numerics.describe(),
+        "data": {"sha256": file_digest(root / TRAIN_DATA), "train_rows": 100, "val_rows": 100},
+    }
+    (root / TRAIN_INFO).parent.mkdir(parents=True, exist_ok=True)
+    (root / TRAIN_INFO).write_text(json.dumps(info))
+
+
+def heldout_set() -> tuple[np.ndarray, np.ndarray]:
+    from digits.data import load_split
+    from digits.files import TEST_DATA
+
+    x, y = load_split(TEST_DATA, "test")
+    return x.numpy().astype(np.float64), y.numpy()
+
+
+def bar_pixels(digit: int) -> np.ndarray:
+    rows = range(2 + 2 * digit, 4 + 2 * digit)  # where make_fake_mnist draws the bar
+    return np.array([r * 28 + c for r in rows for c in range(4, 24)])
+
+
+NOISE = np.arange(27 * 28, 27 * 28 + 12)  # in row 27, never a bar: noise only
+
+
+def hand_model(wrong: int = 0, variant: str = "") -> torch.nn.Sequential:
+    """784 -> 11 -> 10: units 0-9 average the bars, unit 10 is the decoy. `wrong` test images
+    are misclassified as 0; variant "crippled" never predicts 9, "garbage" predicts 0 always."""
+    from digits.model import build_mlp
+
+    w1 = np.zeros((11, 784))
+    for d in range(10):
+        w1[d, bar_pixels(d)] = 1 / len(bar_pixels(d))
+    w1[10, NOISE] = np.random.default_rng(0).uniform(0.5, 1.5, len(NOISE))
+    w2, b2 = SCALE * np.eye(10, 11), np.zeros(10)
+    if wrong:
+        x, y = heldout_set()
+        h = x[y != 0] @ w1.T
+        true = h[np.arange(len(h)), y[y != 0]]
+        # image i flips to 0 when decoy_weight * decoy_i > SCALE * (bar_true_i - bar_0_i)
+        margin = np.sort(SCALE * (true - h[:, 0]) / h[:, 10])
+        lo, hi = margin[wrong - 1], margin[wrong]
+        assert hi - lo > 1e-4 * hi, "two test images too close to tell apart"
+        w2[0, 10] = (lo + hi) / 2
+    if variant == "crippled":
+        b2[9] = -1e4
+    elif variant == "garbage":
+        w2[:] = 0
+    model = build_mlp([11])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(w1))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.from_numpy(w2))
+        model[2].bias.copy_(torch.from_numpy(b2))
+    return model.eval()
+
+
+def register(params, wrong: int = 0, variant: str = "") -> str:
+    """Save a hand-set model as the train stage would and run the real evaluate stage, which
+    logs it and registers a new version; return that version."""
+    from digits import evaluate
+    from digits.files import MODEL, RUN_INFO
+    from digits.model import save_model
+
+    save_model(hand_model(wrong, variant), MODEL, [11], 0.0)
+    evaluate.run(params)
+    return json.loads(RUN_INFO.read_text())["version"]
+
+
+def aliases(client) -> dict:
+    return {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()}
