@@ -238,6 +238,7 @@ def test_mirrors_and_timeout_from_env(monkeypatch):
         download("unused", [], timeout=1)
 
 
+@pytest.mark.slow
 def test_stage_reports_one_line_and_leaves_nothing(tmp_path, mirror):
     # the real stage script, its mirrors from the environment: one bad, one refusing
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")

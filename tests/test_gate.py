@@ -140,6 +140,7 @@ def test_champion_score_comes_from_the_cache_only_when_its_key_matches(workspace
         assert json.loads(client.get_model_version(NAME, champ).tags["gate.score"]) == good
 
 
+@pytest.mark.slow
 def test_first_version_failing_absolute_gate_leaves_no_champion(workspace):
     _, params = workspace
     client = MlflowClient()
@@ -150,6 +151,7 @@ def test_first_version_failing_absolute_gate_leaves_no_champion(workspace):
     assert client.get_model_version(NAME, v1).tags["validation_status"] == "rejected"
 
 
+@pytest.mark.slow
 def test_outside_git_a_passing_version_is_approved_but_not_promoted(workspace):
     root, params = workspace
     shutil.rmtree(root / ".git")  # a plain folder: no promotion branch
@@ -163,6 +165,7 @@ def test_outside_git_a_passing_version_is_approved_but_not_promoted(workspace):
     assert f"**APPROVED**, not promoted: {root} is not in a git repository" in report
 
 
+@pytest.mark.slow
 def test_gate_command_exits_nonzero_naming_gates(workspace, capsys):
     _, params = workspace
     from digits.stage import run_stage

@@ -197,6 +197,7 @@ def test_photo_like_digits_are_read_as_well_as_clean_ones(champion, mnist_test, 
         assert acc >= clean_acc - 0.01, f"{ext}: {acc:.3f} vs clean {clean_acc:.3f}"
 
 
+@pytest.mark.slow
 def test_no_store_is_one_line_and_creates_none(tmp_path):
     (tmp_path / "d.png").write_bytes(b"never read")
     code, out, err = predict_cli(["d.png"], tmp_path, {"MLFLOW_TRACKING_URI": ""})  # default

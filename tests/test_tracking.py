@@ -88,6 +88,7 @@ def evaluate_ready(tmp_path_factory) -> Path:
     return make_trained_project(tmp_path_factory.mktemp("evaluate") / "project")
 
 
+@pytest.mark.slow
 def test_two_pipelines_share_a_fresh_sqlite_store(tmp_path, evaluate_ready):
     from mlflow import MlflowClient
 
@@ -139,6 +140,7 @@ def test_two_pipelines_share_a_fresh_sqlite_store(tmp_path, evaluate_ready):
         assert v.status == "READY"
 
 
+@pytest.mark.slow
 def test_hung_server_fails_within_30_seconds(tmp_path, evaluate_ready):
     # a server that accepts connections and never answers (the kernel completes the TCP
     # handshake for a listening socket nobody accepts from)
@@ -292,6 +294,7 @@ def test_metric_names_group_by_prefix():
     assert len(logged) == 27
 
 
+@pytest.mark.slow
 def test_run_records_origin_datasets_and_training(tmp_path, evaluate_ready):
     from mlflow import MlflowClient
 

@@ -217,6 +217,7 @@ def stage_checkpoint(root: Path) -> Path:
     return root / ".checkpoints" / f"train-{run_id[:16]}.pt"
 
 
+@pytest.mark.slow
 def test_stage_refuses_planted_checkpoint(tmp_path, processed):
     root = make_stage_dir(tmp_path / "proj", processed, {"epochs": 1, "batch_size": 64})
     ckpt = stage_checkpoint(root)  # exactly where the stage will look
@@ -242,6 +243,7 @@ def test_stage_refuses_planted_checkpoint(tmp_path, processed):
 EPOCHS = 16
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path, processed):
     # 1000 images in batches of 4: 250 steps an epoch, long enough to be killed mid-run
     train_params = {"epochs": EPOCHS, "batch_size": 4, "hidden_sizes": [64, 32]}
