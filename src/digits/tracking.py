@@ -136,7 +136,13 @@ def connect(experiment: str) -> str:
         try:
             exp = mlflow.get_experiment_by_name(experiment) or _create_experiment(experiment, uri)
         except mlflow.exceptions.MlflowException as e:
-            raise TrackingError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
+            first = str(e).splitlines()[0]
+            if "error code 401" in first:  # a server behind MLflow's basic-auth app
+                raise TrackingError(
+                    f"MLflow tracking server {uri} wants a login: set MLFLOW_TRACKING_USERNAME "
+                    "and MLFLOW_TRACKING_PASSWORD"
+                ) from None
+            raise TrackingError(f"MLflow store {uri}: {first}") from None
     _check_experiment(exp, uri)
     return exp.experiment_id
 
