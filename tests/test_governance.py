@@ -39,6 +39,12 @@ def test_mcnemar_p_matches_a_hand_computed_binomial_tail():
     assert gate.mcnemar_p(9, 1) == pytest.approx(11 / 1024, rel=1e-12)  # below alpha 0.05
     assert gate.mcnemar_p(3, 0) == pytest.approx(1 / 8, rel=1e-12)
     assert gate.mcnemar_p(0, 5) == 1.0  # the challenger is never worse
+    # and scipy's binomtest agrees on counts like a real gate's (hundreds of disagreements)
+    from scipy.stats import binomtest
+
+    for b, c in [(120, 95), (300, 250), (61, 40), (1, 1)]:
+        want = binomtest(b, b + c, 0.5, alternative="greater").pvalue
+        assert gate.mcnemar_p(b, c) == pytest.approx(want, rel=1e-9)
     assert gate.mcnemar_p(0, 0) == 1.0  # no disagreement, no evidence
     tail = sum(math.comb(45, k) for k in range(30, 46)) / 2**45
     assert gate.mcnemar_p(30, 15) == pytest.approx(tail, rel=1e-9)
