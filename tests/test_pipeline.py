@@ -16,6 +16,7 @@ from helpers import dvc, make_project, project_env, run, set_params
 from test_stage_deps import declared_code_deps
 
 pytestmark = pytest.mark.slow
+FIGURES = ("training_curves", "confusion_matrix", "misclassified", "robustness")
 EPOCHS = 3  # enough to learn MNIST well past chance; the default run is CI's own step
 
 
@@ -121,7 +122,7 @@ def test_stages_write_their_outputs(repro):
     assert set(metrics["per_class"]) == {str(d) for d in range(10)}
     history = (project / "reports/train_history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 1 + EPOCHS
-    for png in ("training_curves", "confusion_matrix", "misclassified"):
+    for png in FIGURES:
         assert (project / f"reports/figures/{png}.png").read_bytes()[:4] == b"\x89PNG"
     assert len((project / "reports/predictions.csv").read_text().splitlines()) == 10001
     # DVC tracks the outputs: the lock file names each stage with hashes of its outs
@@ -150,9 +151,7 @@ def test_mlflow_run_and_registered_model(repro):
     history = mlflow.MlflowClient().get_metric_history(info["run_id"], "val_accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(info["run_id"], "figures")}
-    assert artifacts == {
-        f"figures/{n}.png" for n in ("training_curves", "confusion_matrix", "misclassified")
-    }
+    assert artifacts == {f"figures/{n}.png" for n in FIGURES}
     # the artifact store is an absolute folder at the project root, not the run's cwd
     exp = mlflow.get_experiment(info["experiment_id"])
     assert exp.artifact_location == (project / "mlartifacts").as_uri()
