@@ -115,7 +115,7 @@ def accurate_params(params):
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     flags = re.search(r"^ACCURATE\s*:?=(.*)$", text, re.M).group(1)
     raw = params.model_dump(mode="json")
-    for key, value in re.findall(r"-S\s+(train\.[\w.]+)=(\S+)", flags):
+    for key, value in re.findall(r"-S\s+'?(train\.[\w.]+)=([^\s']+)", flags):
         *parents, last = key.split(".")
         node = raw
         for k in parents:

@@ -257,6 +257,21 @@ def checks(gates, new: dict, comparison: Comparison | None, high: Score | None) 
                 f"drop allowed {gates.max_accuracy_drop}",
             )
         )
+    if gates.min_corruption_accuracy > 0:  # scores 12 corrupted test sets: only when asked
+        from digits.robustness import registered_version_accuracies, worst_corruption
+
+        corrupted = registered_version_accuracies()  # the new version, through pyfunc
+        name, acc = worst_corruption(corrupted)
+        out.append(
+            Check(
+                "min_corruption_accuracy",
+                f"accuracy under {name} (worst corruption)",
+                acc,
+                gates.min_corruption_accuracy,
+                ">=",
+                f"mean over {len(corrupted['corruptions'])} corruptions: {corrupted['mean']:.4f}",
+            )
+        )
     return out
 
 
