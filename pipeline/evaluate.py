@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: its deps, params and outs are in dvc.yaml."""
 
-from digits.stage import run_stage
+from digits.stage import main
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("evaluate"))
+    main("evaluate")

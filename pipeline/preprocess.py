@@ -1,6 +1,6 @@
 """DVC stage `preprocess`: its deps, params and outs are in dvc.yaml."""
 
-from digits.stage import run_stage
+from digits.stage import main
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("preprocess"))
+    main("preprocess")

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from digits.data import DataError, check_arrays, load_split, preprocess, read_idx, read_pair
+from digits.data import (
+    DataError,
+    check_arrays,
+    load_split,
+    preprocess,
+    read_idx,
+    read_pair,
+    split,
+)
 from helpers import make_fake_mnist, write_idx
 
 RNG = np.random.default_rng(0)
@@ -261,3 +269,33 @@ def test_failed_rerun_keeps_previous_outputs(tmp_path, fake_raw):
         preprocess(fake_raw, *outs, val_size=100, seed=0)
     assert [p.read_bytes() for p in outs] == before
     assert sorted(p.name for p in outs[0].parent.iterdir()) == ["test.npz", "train.npz"]
+
+
+@pytest.mark.parametrize(
+    ("counts", "val_size", "seed"),
+    [
+        ([5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949], 5000, 0),  # MNIST's
+        ([5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949], 5000, 7),
+        ([10] * 10, 33, 3),  # equal remainders: the ties are broken by the random draws
+        ([2, 3, 50, 7, 7, 7, 9, 11, 2, 30], 40, 1),
+        ([4, 4, 4, 0, 9, 4, 4, 4, 4, 4], 12, 5),  # a digit missing
+    ],
+)
+def test_split_draws_as_scikit_learn_does(counts, val_size, seed):
+    """split() reimplements train_test_split(stratify=...) in numpy to keep scikit-learn's 2 s
+    import out of the stage: same seed, same images in the same order."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.repeat(np.arange(10, dtype=np.uint8), counts)
+    y = y[np.random.default_rng(seed).permutation(len(y))]
+    x = np.arange(len(y) * 2, dtype=np.int64).reshape(-1, 2)
+    ours = split(x, y, val_size, seed)
+    theirs = train_test_split(x, y, test_size=val_size, stratify=y, random_state=seed)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_split_refuses_a_digit_it_cannot_stratify():
+    y = np.array([0, 0, 1, 1, 2, 3, 3], np.uint8)
+    with pytest.raises(DataError, match=r"digit\(s\) \[2\] have one image"):
+        split(np.zeros((7, 2)), y, 3, 0)

@@ -108,23 +108,28 @@ def test_promotion_sequence(workspace):
     assert mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(x).shape == (5, 10)
 
 
-@pytest.mark.slow  # five versions registered through the evaluate stage
-def test_champion_score_comes_from_the_cache_only_when_its_key_matches(workspace):
+@pytest.mark.slow  # six versions registered through the evaluate stage
+def test_scores_come_from_the_record_only_when_its_key_matches(workspace):
     _, params = workspace
     client = MlflowClient()
+    # the evaluate stage records the score of the version it registers: the gate loads nothing
     v1 = register(params, wrong=3)
-    gate.run(params)
     record = json.loads(client.get_model_version(NAME, v1).tags["gate.score"])
     assert record["metrics"]["accuracy"] == 0.9985 and record["n"] == 2000
+    assert record["by"] == "evaluate" and set(record["robustness"]["corruptions"]) > {"blur"}
+    gate.run(params)
+    assert "accuracy 0.9985 (scored by the evaluate stage" in line(
+        GATE_REPORT.read_text(), f"- version {v1}:"
+    )
 
     register(params)  # the champion's score is reused: same model files, data and metric code
     gate.run(params)
     champion = line(GATE_REPORT.read_text(), "- champion:")
-    assert f"version {v1}, accuracy 0.9985 (cached score" in champion
+    assert f"version {v1}, accuracy 0.9985 (scored by the evaluate stage" in champion
     assert "b = 0" in GATE_REPORT.read_text() and "c = 3" in GATE_REPORT.read_text()
 
-    # a cache made on other test data, of other model files, or that contradicts itself
-    # is not used: the champion is scored again and the record rewritten
+    # a record made on other test data, of other model files, or that contradicts itself
+    # is not used: the champion is scored again through pyfunc and its record rewritten
     for field, value in (
         ("test_sha256", "0" * 64),
         ("model_sha256", "0" * 64),
@@ -137,7 +142,17 @@ def test_champion_score_comes_from_the_cache_only_when_its_key_matches(workspace
         gate.run(params)
         champion = line(GATE_REPORT.read_text(), "- champion:")
         assert f"version {champ}, accuracy 1.0000 (scored now)" in champion, field
-        assert json.loads(client.get_model_version(NAME, champ).tags["gate.score"]) == good
+        again = json.loads(client.get_model_version(NAME, champ).tags["gate.score"])
+        assert again["by"] == "gate" and "robustness" not in again
+        for key in ("model_sha256", "test_sha256", "scorer_sha256", "metrics", "correct"):
+            assert again[key] == good[key], (field, key)
+
+    # a new version without a record (say, registered by hand) is scored by the gate
+    v = register(params)
+    client.delete_model_version_tag(NAME, v, "gate.score")
+    gate.run(params)
+    assert "accuracy 1.0000 (scored now)" in line(GATE_REPORT.read_text(), f"- version {v}:")
+    assert json.loads(client.get_model_version(NAME, v).tags["gate.score"])["by"] == "gate"
 
 
 @pytest.mark.slow

@@ -144,5 +144,5 @@ def run(params) -> dict:
         f"macro F1 {metrics['macro_f1']:.4f}; corrupted: mean "
         f"{metrics['robustness']['mean']:.4f}, worst {metrics['robustness']['worst']:.4f}"
     )
-    tracking.log_pipeline_run(params, metrics, history, figures, model, test_x[:2])
+    tracking.log_pipeline_run(params, metrics, history, figures, model, test_x[:2], pred == y)
     return metrics

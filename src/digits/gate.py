@@ -1,29 +1,28 @@
 """The metric gate: may the version just registered replace `@champion`?
 
-The new version (the one the evaluate stage registered) is loaded from the registry and scored
-here, always afresh. It must pass, by the thresholds committed on the promotion branch
-(`promote.context`):
+The new version (the one the evaluate stage registered) must pass, by the thresholds committed
+on the promotion branch (`promote.context`):
 
-- the absolute gates (accuracy, loss, every digit's recall);
+- the absolute gates (accuracy, loss, every digit's recall; the worst corruption when
+  `gates.min_corruption_accuracy` is on);
 - McNemar's exact test against the champion, paired on the same test images: rejected if it is
   significantly worse (one-sided, `gates.alpha`);
 - the high-water mark: accuracy at least the best any champion has had on this test set, minus
   `gates.max_accuracy_drop`, so a chain of slightly worse versions cannot drift down.
 
-Scores of the champion and past champions come from a cache in the registry (the version tag
-`gate.score`) when its key matches: the sha256 of the model's files as downloaded now, of the
-test data, and of the metric code. Otherwise they are scored again and the cache rewritten. Only
-a promotion-branch run moves `@champion`/`@previous`; elsewhere a version that passes is
-approved and may become `@challenger`. Every version gets a description saying why."""
+Every version's score comes from its record in the registry (`digits.scores`) when the record's
+key matches: the sha256 of the model's files as downloaded now, of the test data, and of the
+metric code. The evaluate stage writes the new version's record as it registers it; a version
+without a matching record is loaded through pyfunc, scored here and its record written. So a
+pipeline run loads no model at all, and imports no torch. Only a promotion-branch run moves
+`@champion`/`@previous`; elsewhere a version that passes is approved and may become
+`@challenger`. Every version gets a description saying why."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import math
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +32,7 @@ from digits import promote
 from digits.errors import DigitsError
 from digits.metrics import compute_metrics, worst_recall
 from digits.promote import CHALLENGER, CHAMPION, PREVIOUS
-
-CACHE_TAG = "gate.score"
-CACHE_FORMAT = 1  # of the record in CACHE_TAG: bump when what a score means changes
+from digits.scores import CACHE_TAG, Score, cache_record, files_sha256, from_cache
 
 
 class GateFailed(DigitsError):
@@ -101,101 +98,29 @@ def compare(champion: Score, new: Score) -> Comparison:
     return Comparison(champion.version, b, c, mcnemar_p(b, c))
 
 
-# --- scores, and their cache in the registry ---------------------------------------------------
-
-
-@dataclass
-class Score:
-    version: str
-    metrics: dict
-    correct: np.ndarray  # bool per test image: the prediction was right
-    model_sha256: str
-    cached: bool
-
-    @property
-    def accuracy(self) -> float:
-        return self.metrics["accuracy"]
-
-
-def files_sha256(folder: Path) -> str:
-    """sha256 over a model folder: every file's path and bytes, in sorted order. What is
-    hashed is exactly what pyfunc loads and scores."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def scorer_sha256() -> str:
-    """The metric code's identity: a cached score is reused only if accuracy, loss and recall
-    are still computed by the same code."""
-    import digits.metrics
-
-    h = hashlib.sha256(f"format {CACHE_FORMAT}\0".encode())
-    h.update(Path(digits.metrics.__file__).read_bytes())
-    return h.hexdigest()
-
-
-def encode_correct(correct: np.ndarray) -> str:
-    # one bit per image, deflated: 10,000 images of a 98% model take about 300 characters
-    return base64.b64encode(zlib.compress(np.packbits(correct).tobytes(), 9)).decode()
-
-
-def decode_correct(text: str, n: int) -> np.ndarray:
-    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), np.uint8)
-    return np.unpackbits(bits)[:n].astype(bool)
-
-
-def cache_record(score: Score, test_sha256: str) -> str:
-    return json.dumps(
-        {
-            "format": CACHE_FORMAT,
-            "model_sha256": score.model_sha256,
-            "test_sha256": test_sha256,
-            "scorer_sha256": scorer_sha256(),
-            "n": len(score.correct),
-            "metrics": score.metrics,
-            "correct": encode_correct(score.correct),
-        },
-        sort_keys=True,
-    )
-
-
-def from_cache(text: str | None, model_sha256: str, test_sha256: str, n: int):
-    """(metrics, correct) from a cache record whose key matches, else None."""
-    try:
-        rec = json.loads(text or "")
-        key = (rec["format"], rec["model_sha256"], rec["test_sha256"], rec["scorer_sha256"])
-        if key != (CACHE_FORMAT, model_sha256, test_sha256, scorer_sha256()) or rec["n"] != n:
-            return None
-        correct = decode_correct(rec["correct"], n)
-        metrics = rec["metrics"]
-        # a record that contradicts itself is not trusted
-        if len(correct) != n or round(float(correct.mean()), 6) != metrics["accuracy"]:
-            return None
-        return metrics, correct
-    except (ValueError, KeyError, TypeError, zlib.error):
-        return None
+# --- scoring registered versions -------------------------------------------------------------
 
 
 class Scorer:
-    """Scores registered versions of one model on one test set, each at most once per run."""
+    """Scores registered versions of one model on one test set, each at most once per run:
+    from its record when the key matches, else through pyfunc (and then the record is due)."""
 
-    def __init__(self, client, name: str, x: np.ndarray, y: np.ndarray, test_sha256: str):
-        self.client, self.name, self.x, self.y = client, name, x, y
+    def __init__(self, client, name: str, test_data: Path, test_sha256: str):
+        from digits.data import load_labels
+
+        self.client, self.name, self.test_data = client, name, test_data
+        self.y = load_labels(test_data, "test")
         self.test_sha256 = test_sha256
         self.scores: dict[str, Score] = {}
         self.to_cache: dict[str, str] = {}  # version -> record to write (scored afresh)
 
-    def score(self, version: str, fresh: bool = False) -> Score:
+    def score(self, version: str) -> Score:
         if version not in self.scores:
-            self.scores[version] = self._score(version, fresh)
+            self.scores[version] = self._score(version)
         return self.scores[version]
 
-    def _score(self, version: str, fresh: bool) -> Score:
+    def _score(self, version: str) -> Score:
         import mlflow.artifacts
-        import mlflow.pyfunc
 
         with tempfile.TemporaryDirectory(prefix="digits-gate-") as tmp:
             local = Path(
@@ -204,23 +129,39 @@ class Scorer:
                 )
             )
             sha = files_sha256(local)
-            if not fresh:
-                tags = self.client.get_model_version(self.name, version).tags
-                hit = from_cache(tags.get(CACHE_TAG), sha, self.test_sha256, len(self.y))
-                if hit is not None:
-                    return Score(version, hit[0], hit[1], sha, cached=True)
-            probs = np.asarray(mlflow.pyfunc.load_model(str(local)).predict(self.x))
+            tags = self.client.get_model_version(self.name, version).tags
+            hit = from_cache(tags.get(CACHE_TAG), version, sha, self.test_sha256, len(self.y))
+            if hit is not None:
+                return hit
+            probs = self._predict(local)
         score = Score(
-            version, compute_metrics(probs, self.y), probs.argmax(1) == self.y, sha, cached=False
+            version, compute_metrics(probs, self.y), probs.argmax(1) == self.y, sha, False
         )
         self.to_cache[version] = cache_record(score, self.test_sha256)
         return score
+
+    def _predict(self, local: Path) -> np.ndarray:
+        """Probabilities of the model in `local`, loaded as users load it (pyfunc)."""
+        import mlflow.pyfunc
+
+        from digits.data import load_split
+
+        x, _ = load_split(self.test_data, "test")
+        return np.asarray(mlflow.pyfunc.load_model(str(local)).predict(x.numpy()))
 
 
 # --- the checks, the verdict, the report ------------------------------------------------------
 
 
-def checks(gates, new: dict, comparison: Comparison | None, high: Score | None) -> list[Check]:
+def checks(
+    gates,
+    new: dict,
+    comparison: Comparison | None,
+    high: Score | None,
+    robustness: dict | None = None,
+) -> list[Check]:
+    """The gates, in report order. `robustness`: the new version's corruption accuracies from
+    its record; None scores them through pyfunc, when min_corruption_accuracy asks for them."""
     worst_digit, worst = worst_recall(new)
     out = [
         Check("min_accuracy", "accuracy", new["accuracy"], gates.min_accuracy, ">="),
@@ -260,7 +201,7 @@ def checks(gates, new: dict, comparison: Comparison | None, high: Score | None) 
     if gates.min_corruption_accuracy > 0:  # scores 12 corrupted test sets: only when asked
         from digits.robustness import registered_version_accuracies, worst_corruption
 
-        corrupted = registered_version_accuracies()  # the new version, through pyfunc
+        corrupted = robustness or registered_version_accuracies()  # else through pyfunc
         name, acc = worst_corruption(corrupted)
         out.append(
             Check(
@@ -332,9 +273,11 @@ def report(
     test_sha256: str,
 ) -> str:
     def origin(s: Score) -> str:
-        if s.cached:
-            return "cached score: same model, test data and metric code sha256"
-        return "scored now"
+        if not s.cached:
+            return "scored now"
+        if s.by == "evaluate":
+            return "scored by the evaluate stage that registered it, same model files sha256"
+        return "cached score: same model, test data and metric code sha256"
 
     lines = [f"# Gate report: {o.name} version {o.version}", ""]
     lines.append(f"- thresholds: `gates` from {o.ctx.source}")
@@ -423,7 +366,7 @@ def run(params) -> list[Check]:
     from mlflow.tracking import MlflowClient
 
     from digits import tracking
-    from digits.data import file_digest, load_split
+    from digits.data import file_digest
     from digits.files import GATE_REPORT, RUN_INFO, TEST_DATA, write_text
 
     info = json.loads(Path(RUN_INFO).read_text())
@@ -432,20 +375,19 @@ def run(params) -> list[Check]:
     tracking.connect(params.mlflow.experiment)
     uri = tracking.tracking_uri()
     client = MlflowClient(uri)
-    test_x, test_y = load_split(TEST_DATA, "test")
     test_sha256 = file_digest(TEST_DATA)
-    scorer = Scorer(client, name, test_x.numpy(), test_y.numpy(), test_sha256)
+    scorer = Scorer(client, name, TEST_DATA, test_sha256)
 
     try:
         champ = promote.alias_version(client, name, CHAMPION)
         already = champ == version
-        new = scorer.score(version, fresh=True)
+        new = scorer.score(version)
         champion = scorer.score(champ) if champ is not None and not already else None
         comparison = compare(champion, new) if champion is not None else None
         past = [scorer.score(v) for v in promote.ever_champions(client, name) if v != version]
         high = max(past, key=lambda s: (s.accuracy, -int(s.version)), default=None)
 
-        results = checks(ctx.gates, new.metrics, comparison, high)
+        results = checks(ctx.gates, new.metrics, comparison, high, new.robustness)
         failed = [c for c in results if not c.passed]
         with tracking.store_lock(uri):
             now = promote.alias_version(client, name, CHAMPION)

@@ -37,10 +37,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from digits import scores
 from digits.errors import DigitsError
 from digits.files import repo_root
 from digits.mnist import COLS, NUM_CLASSES, NUM_PIXELS, OFFICIAL_MIRRORS, RESOURCES, ROWS
-from digits.model import Probabilities
 
 # MLflow's HTTP client retries with backoff for minutes by default; a pipeline stage should
 # fail fast with a clear message instead. Set in `connect()`, where the store is connected;
@@ -451,16 +451,26 @@ def _describe_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def log_pipeline_run(
-    params, metrics: dict, history: list[dict], figures: list[Path], model, example
+    params,
+    metrics: dict,
+    history: list[dict],
+    figures: list[Path],
+    model,
+    example,
+    correct: np.ndarray,
 ) -> dict:
     """One MLflow run for this pipeline run, named after its origin (DVC experiment, or branch
     and commit) and started when its training started: params, the training's time, speed and
     numeric environment, per-epoch metrics (step = epoch), test metrics, the train, validation
     and test sets as inputs, figures, and the model (pt2) registered as a new version. Returns
-    the ids, also written to reports/mlflow_run.json for the stages after this one."""
+    the ids, also written to reports/mlflow_run.json for the stages after this one.
+
+    `correct` (per test image, from the same weights as `model`) and `metrics` become the new
+    version's score record (digits.scores), which the gate reads instead of loading it."""
     from digits.config import flat_params
     from digits.data import file_digest
     from digits.files import MODEL, RUN_INFO, TEST_DATA, write_text
+    from digits.model import Probabilities
 
     info = read_train_info()
     origin = run_origin()
@@ -531,6 +541,8 @@ def log_pipeline_run(
             }
             for k, v in version_tags.items():
                 client.set_model_version_tag(name, version, k, v)
+            record = score_record(name, version, metrics, correct, test_sha256)
+            client.set_model_version_tag(name, version, scores.CACHE_TAG, record)
         except mlflow.exceptions.MlflowException as e:
             raise TrackingError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
     out = {
@@ -546,6 +558,24 @@ def log_pipeline_run(
         f"evaluate: MLflow run {run.info.run_name} ({run_id}); registered {name} version {version}"
     )
     return out
+
+
+def score_record(name: str, version: str, metrics: dict, correct, test_sha256: str) -> str:
+    """The version's score record, keyed by its files as the registry now serves them."""
+    import tempfile
+
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="digits-evaluate-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=tmp
+        )
+        sha = scores.files_sha256(Path(local))
+    plain = {k: v for k, v in metrics.items() if k != "robustness"}
+    score = scores.Score(
+        version, plain, np.asarray(correct, bool), sha, False, "evaluate", metrics["robustness"]
+    )
+    return scores.cache_record(score, test_sha256)
 
 
 def _pip_requirements() -> list[str]:
