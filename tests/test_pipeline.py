@@ -166,6 +166,19 @@ def test_mlflow_run_and_registered_model(repro):
     for n in (1, 3, 257):  # any batch size, not just the example's
         assert model.predict(x[:n]).shape == (n, 10)
 
+    # the score the evaluate stage recorded for the gate is what the registered pt2 program
+    # gives: the same right/wrong bit on every image, the same metrics
+    from digits.metrics import compute_metrics
+    from digits.scores import CACHE_TAG, decode_correct
+
+    version = mlflow.MlflowClient().get_model_version("mnist-mlp", info["version"])
+    record = json.loads(version.tags[CACHE_TAG])
+    assert record["by"] == "evaluate"
+    np.testing.assert_array_equal(decode_correct(record["correct"], len(y)), probs.argmax(1) == y)
+    assert record["metrics"] == compute_metrics(probs, y)
+    assert record["robustness"] == metrics["robustness"]
+    assert "scored by the evaluate stage" in (project / "reports/gate.md").read_text()
+
 
 def test_second_repro_does_nothing(repro):
     project, env, _, _ = repro
