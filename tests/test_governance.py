@@ -275,6 +275,27 @@ def test_an_experiment_cannot_loosen_the_gates(workspace, monkeypatch):
 
 
 @pytest.mark.slow
+def test_an_experiment_may_tighten_the_gates(workspace, monkeypatch):
+    """`make accurate` asks `-S gates.min_corruption_accuracy=0.95` of its own model: a stricter
+    threshold than main's applies; a looser one beside it still does not."""
+    root, _ = workspace
+    client = MlflowClient()
+    monkeypatch.setenv("DVC_EXP_NAME", "strict")
+    write_params(root, {**GATES, "min_accuracy": 0.999, "max_loss": 1000.0})
+    params = workspace_params(root)
+    v1 = register(params, wrong=30)  # 98.5%: passes main's 0.9, not this experiment's 0.999
+    with pytest.raises(gate.GateFailed, match=r"min_accuracy: accuracy 0.9850 not >= 0.9990"):
+        gate.run(params)
+    assert client.get_model_version(NAME, v1).tags["validation_status"] == "rejected"
+    report = GATE_REPORT.read_text()
+    assert "tightened by this workspace: min_accuracy 0.999" in report
+    assert "| max_loss | 1000.0 |" in report  # looser: listed as advisory, not applied
+    assert "| min_accuracy |" in report and "| min_accuracy | 0.999 |" not in report
+    thresholds = client.get_model_version(NAME, v1).tags["gate.thresholds"]
+    assert thresholds.endswith("tightened by this workspace: min_accuracy 0.999")
+
+
+@pytest.mark.slow
 def test_the_champion_cannot_drift_below_its_high_water_mark(workspace, capsys):
     """Each version 0.15 points worse than the last: the old rule (vs the current champion
     only) would approve every one; the high-water mark stops the second."""

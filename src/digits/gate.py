@@ -1,7 +1,8 @@
 """The metric gate: may the version just registered replace `@champion`?
 
 The new version (the one the evaluate stage registered) must pass, by the thresholds committed
-on the promotion branch (`promote.context`):
+on the promotion branch (`promote.context`), each tightened where the workspace asks for more
+(`promote.tighten`; never loosened):
 
 - the absolute gates (accuracy, loss, every digit's recall; the worst corruption when
   `gates.min_corruption_accuracy` is on);
@@ -371,7 +372,7 @@ def run(params) -> list[Check]:
 
     info = json.loads(Path(RUN_INFO).read_text())
     name, version = info["registered_model"], str(info["version"])
-    ctx = promote.context(params)
+    ctx = promote.tighten(promote.context(params), params.gates)
     tracking.connect(params.mlflow.experiment)
     uri = tracking.tracking_uri()
     client = MlflowClient(uri)

@@ -10,7 +10,8 @@ only two things move the production aliases `@champion` / `@previous`:
 Elsewhere a version that passes gets `@challenger` when it is the best approved version not yet
 promoted, and the gate report says it "would be promoted from main". The gate judges by the
 `gates` committed on the promotion branch (read from git), so `dvc exp run -S gates.x=...`
-cannot loosen them: the workspace's own values are shown as advisory only."""
+cannot loosen them; it may tighten them (`tighten`): an experiment can ask more of its own
+model, never less. A looser value is shown in the report as advisory only."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import datetime as dt
 import getpass
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -205,6 +206,34 @@ def context(params: Params, root: Path | None = None) -> Context:
     gates = committed_gates(raw, f"{branch}:params.yaml")
     why = _not_promotion_run(root, branch)
     return Context(branch, gates, f"{branch}@{sha}:params.yaml", not why, why, commit, True)
+
+
+# which way each threshold is stricter
+STRICTER = {
+    "min_accuracy": max,
+    "max_loss": min,
+    "min_class_recall": max,
+    "max_accuracy_drop": min,
+    "min_corruption_accuracy": max,
+    "alpha": max,  # passes when p >= alpha: a larger alpha rejects more
+}
+
+
+def tighten(ctx: Context, workspace: GateParams) -> Context:
+    """`ctx` with each threshold the workspace sets stricter than the promotion branch taken
+    from the workspace (say `make accurate`'s `-S gates.min_corruption_accuracy=0.95`), and
+    its source saying so. Looser values are not applied (`advisory` lists them)."""
+    applied, mine = ctx.gates.model_dump(), workspace.model_dump()
+    taken = []
+    for key, stricter in STRICTER.items():
+        value = stricter(applied[key], mine[key])
+        if value != applied[key]:
+            applied[key] = value
+            taken.append(f"{key} {value}")
+    if not taken:
+        return ctx
+    source = f"{ctx.source}, tightened by this workspace: {', '.join(taken)}"
+    return replace(ctx, gates=GateParams(**applied), source=source)
 
 
 def advisory(workspace: GateParams, applied: GateParams) -> list[tuple[str, object, object]]:
