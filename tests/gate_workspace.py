@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from helpers import ROOT, make_fake_mnist
+from helpers import ROOT, init_git, make_fake_mnist
 
 NAME = "mnist-mlp"
 N_TEST = 2000  # one image = 0.05 accuracy points
@@ -52,12 +52,7 @@ def make_repo(root: Path, gates: dict) -> Path:
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, root / name)
     write_params(root, gates)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "ada@example.com")
-    git(root, "config", "user.name", "Ada")
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "project")
-    return root
+    return init_git(root, "Ada", "ada@example.com")
 
 
 def make_workspace(root: Path, gates: dict) -> None:
@@ -84,6 +79,29 @@ def make_workspace(root: Path, gates: dict) -> None:
     }
     (root / TRAIN_INFO).parent.mkdir(parents=True, exist_ok=True)
     (root / TRAIN_INFO).write_text(json.dumps(info))
+
+
+def workspace_params(root: Path):
+    """The params in `root`'s params.yaml, parsed as the stages parse them."""
+    from digits.config import parse_params
+
+    return parse_params(yaml.safe_load((root / "params.yaml").read_text()))
+
+
+def enter_workspace(tmp_path: Path, monkeypatch, gates: dict):
+    """make_workspace at tmp_path/project, then work in it: its folder as the cwd, outside any
+    DVC experiment, with its own SQLite store. Returns (root, its params)."""
+    import mlflow
+
+    root = tmp_path / "project"
+    make_workspace(root, gates)
+    monkeypatch.chdir(root)
+    for var in ("DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the env
+    return root, workspace_params(root)
 
 
 def heldout_set() -> tuple[np.ndarray, np.ndarray]:

@@ -69,6 +69,19 @@ def run(
     return proc
 
 
+def init_git(root: Path, name: str = "test", email: str = "test@example.com") -> Path:
+    """`root` as a git repository on `main`, everything in it committed by `name <email>`."""
+    for args in (
+        ["init", "-q", "-b", "main"],
+        ["config", "user.email", email],
+        ["config", "user.name", name],
+        ["add", "-A"],
+        ["commit", "-qm", "first"],
+    ):
+        run(["git", *args], root)
+    return root
+
+
 def make_project(dest: Path) -> Path:
     """A fresh git repo holding the project's pipeline (code, dvc.yaml, params), with DVC
     initialised: what a user's clone looks like before the first `dvc repro`."""

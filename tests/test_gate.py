@@ -11,13 +11,11 @@ import shutil
 
 import mlflow
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from digits import gate
-from digits.config import parse_params
 from digits.files import GATE_REPORT, TEST_DATA
-from gate_workspace import N_TEST, NAME, aliases, heldout_set, make_workspace, register
+from gate_workspace import N_TEST, NAME, aliases, enter_workspace, heldout_set, register
 
 # absolute gates the crippled model (~90%: never predicts 9) passes, so only the comparisons
 # with the champion can stop it
@@ -26,15 +24,7 @@ GATES = {"min_accuracy": 0.85, "max_loss": 100.0, "min_class_recall": 0.0}
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    root = tmp_path / "project"
-    make_workspace(root, GATES)
-    monkeypatch.chdir(root)
-    for var in ("DVC_ROOT", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the env
-    return root, parse_params(yaml.safe_load((root / "params.yaml").read_text()))
+    return enter_workspace(tmp_path, monkeypatch, GATES)
 
 
 def line(report: str, start: str) -> str:

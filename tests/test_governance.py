@@ -14,16 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from digits import gate, promote
 from digits.cli import main as cli
 from digits.config import ConfigError, parse_params
 from digits.files import GATE_REPORT
-from gate_workspace import NAME, aliases, git, make_repo, make_workspace, register, write_params
+from gate_workspace import (
+    NAME,
+    aliases,
+    enter_workspace,
+    git,
+    make_repo,
+    register,
+    workspace_params,
+    write_params,
+)
 from helpers import dvc
 
 GATES = {"min_accuracy": 0.9, "max_loss": 100.0, "min_class_recall": 0.0}  # main's
@@ -69,10 +76,6 @@ def repo(tmp_path, monkeypatch):
     for var in ("DVC_ROOT", "DVC_EXP_NAME"):
         monkeypatch.delenv(var, raising=False)
     return root
-
-
-def workspace_params(root: Path):
-    return parse_params(yaml.safe_load((root / "params.yaml").read_text()))
 
 
 def test_clean_main_promotes_whatever_the_pipeline_wrote(repo):
@@ -178,15 +181,7 @@ def test_bad_thresholds_on_main_stop_the_gate(repo):
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    root = tmp_path / "project"
-    make_workspace(root, GATES)
-    monkeypatch.chdir(root)
-    for var in ("DVC_ROOT", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return root, workspace_params(root)
+    return enter_workspace(tmp_path, monkeypatch, GATES)
 
 
 def promote_cli(version: str, reason: str, capsys) -> tuple[int, str, str]:

@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, dvc, make_project, make_trained_project, project_env, run, set_params
+from helpers import (
+    ROOT,
+    dvc,
+    init_git,
+    make_project,
+    make_trained_project,
+    project_env,
+    run,
+    set_params,
+)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see test_train.py
 
@@ -186,16 +195,6 @@ def git(repo: Path, *args: str) -> str:
     return run(["git", *args], repo).stdout.strip()
 
 
-def init_repo(repo: Path) -> Path:
-    """`repo` as a git repository on `main` with everything in it committed."""
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "test@example.com")
-    git(repo, "config", "user.name", "test")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "first")
-    return repo
-
-
 @pytest.fixture
 def small_repo(tmp_path, monkeypatch) -> Path:
     """A git repository with the project's dvc.yaml and .gitignore and a small params.yaml."""
@@ -207,7 +206,7 @@ def small_repo(tmp_path, monkeypatch) -> Path:
     for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(repo)
-    return init_repo(repo)
+    return init_git(repo)
 
 
 def test_run_name_and_description_follow_git(small_repo, monkeypatch):
@@ -303,7 +302,7 @@ def test_run_records_origin_datasets_and_training(tmp_path, evaluate_ready):
 
     project = tmp_path / "project"
     shutil.copytree(evaluate_ready, project)
-    init_repo(project)
+    init_git(project)
     commit = git(project, "rev-parse", "HEAD")
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     env = {**ONE_THREAD, "MLFLOW_TRACKING_URI": uri, "DVC_EXP_NAME": "", "DVC_ROOT": ""}
