@@ -33,7 +33,14 @@ from digits import promote
 from digits.errors import DigitsError
 from digits.metrics import compute_metrics, worst_recall
 from digits.promote import CHALLENGER, CHAMPION, PREVIOUS
-from digits.scores import CACHE_TAG, Score, cache_record, files_sha256, from_cache
+from digits.scores import (
+    CACHE_TAG,
+    Score,
+    cache_record,
+    download_model,
+    files_sha256,
+    from_cache,
+)
 
 
 class GateFailed(DigitsError):
@@ -121,14 +128,8 @@ class Scorer:
         return self.scores[version]
 
     def _score(self, version: str) -> Score:
-        import mlflow.artifacts
-
         with tempfile.TemporaryDirectory(prefix="digits-gate-") as tmp:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp
-                )
-            )
+            local = download_model(self.name, version, tmp)
             sha = files_sha256(local)
             tags = self.client.get_model_version(self.name, version).tags
             hit = from_cache(tags.get(CACHE_TAG), version, sha, self.test_sha256, len(self.y))

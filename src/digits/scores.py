@@ -15,7 +15,8 @@ A record is used only while its key matches what would be scored now:
 The corruption accuracies ride along with their own key, the sha256 of digits/robustness.py.
 A record whose accuracy disagrees with its own per-image results is not trusted either.
 
-Only numpy and the standard library here: the gate imports this without torch."""
+Only numpy and the standard library at import (MLflow inside `download_model`): the gate
+imports this without torch."""
 
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def files_sha256(folder: Path) -> str:
         h.update(path.relative_to(folder).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
+
+
+def download_model(name: str, version: str, dst: str) -> Path:
+    """The version's model files, as the registry serves them, in a folder under `dst`: what
+    `files_sha256` keys a record by, for the stage that writes it and the gate that reads it."""
+    import mlflow.artifacts
+
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst)
+    )
 
 
 def _code_sha256(module_file: str) -> str:

@@ -564,13 +564,8 @@ def score_record(name: str, version: str, metrics: dict, correct, test_sha256: s
     """The version's score record, keyed by its files as the registry now serves them."""
     import tempfile
 
-    import mlflow.artifacts
-
     with tempfile.TemporaryDirectory(prefix="digits-evaluate-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=tmp
-        )
-        sha = scores.files_sha256(Path(local))
+        sha = scores.files_sha256(scores.download_model(name, version, tmp))
     plain = {k: v for k, v in metrics.items() if k != "robustness"}
     score = scores.Score(
         version, plain, np.asarray(correct, bool), sha, False, "evaluate", metrics["robustness"]
