@@ -1,12 +1,19 @@
-"""Bit-for-bit reproducible arithmetic on any x86-64 CPU with AVX2, at any thread count.
+"""Bit-for-bit reproducible arithmetic on any x86-64 CPU with AVX2, Intel or AMD, any core count.
 
-The same params on two CPUs gave two models, because the math libraries pick kernels by CPU:
-MKL's sgemm (the matmuls) by instruction set and thread count, ATen's own kernels (element-wise
-ops, reductions, the fused Adam step) by "CPU capability", oneDNN by its own ISA probe. Capping
-all three at AVX2 (MKL in strict conditional-reproducibility mode) makes every AVX2 machine run
-the same instructions in the same order. The libraries read these variables once, when they
-load: `pin()` must run before `import torch`, so every entry point (the stage scripts, `digits`,
-the tests, the benchmarks) calls it first. A value the user set already wins.
+The same params on two CPUs gave two models, because the math libraries pick kernels by CPU,
+and split sums by thread count: MKL's sgemm (the matmuls) by vendor, instruction set and thread
+count, ATen's own kernels (element-wise ops, reductions, the fused Adam step) by "CPU capability"
+and thread count, oneDNN by its own ISA probe. The pins:
+- MKL's COMPATIBLE branch (SSE2 without the approximate rcpps/rsqrtps): the only branch MKL
+  honours on non-Intel CPUs. `AVX2` is Intel-only: on an AMD CPU MKL silently falls back to its
+  AUTO branch, so an AMD and an Intel machine trained different models (measured).
+- ATen and oneDNN capped at AVX2: the same vector code on AVX-512 CPUs.
+- Two threads for MKL and ATen: COMPATIBLE has no thread-independent (STRICT) mode, and ATen
+  splits large reductions by thread; 1 and 2 threads agree, 4 and 16 do not (measured), so a
+  16-core machine must not use 16.
+The libraries read these variables once, when they load: `pin()` must run before
+`import torch`, so every entry point (the stage scripts, `digits`, the tests, the benchmarks)
+calls it first. A value the user set already wins.
 
 `DIGITS_PORTABLE_NUMERICS=0` turns the pins off (for speed experiments; results then depend on
 the CPU). What cannot be pinned: GPUs, other torch/MKL builds, ARM, CPUs without AVX2."""
@@ -18,9 +25,11 @@ import sys
 from collections.abc import MutableMapping
 
 PINS: dict[str, str] = {
-    "MKL_CBWR": "AVX2,STRICT",  # MKL: AVX2 code path, same result at any thread count
+    "MKL_CBWR": "COMPATIBLE",  # MKL: the one code path that is the same on Intel and AMD
     "ATEN_CPU_CAPABILITY": "avx2",  # ATen's vectorised kernels: AVX2 even on AVX-512 CPUs
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (some convolutions and matmuls): AVX2 at most
+    "OMP_NUM_THREADS": "2",  # ATen's threads: sums split the same way on any core count
+    "MKL_NUM_THREADS": "2",  # MKL's threads (torch matches its own to MKL's when it loads)
 }
 SWITCH = "DIGITS_PORTABLE_NUMERICS"
 
