@@ -54,9 +54,10 @@ def train_hash(threads: int | None, **env: str) -> tuple[str, str]:
     return out[0], out[2]
 
 
-# The weights hash of SCRIPT under the pins, the same on every x86-64 CPU with AVX2 (and torch
-# 2.14.1 from PyPI): measured on an Intel Xeon with AVX-512 and AMX, at 1, 2 and (pins off) 4 and
-# 16 threads. `.ci/check_reproduced.py` checks the same for the whole pipeline against dvc.lock.
+# The weights hash of SCRIPT under the pins, meant to be the same on every x86-64 CPU with AVX2
+# (and torch 2.14.1 from PyPI): measured on an Intel Xeon with AVX-512 and AMX, at 1 and 2
+# threads (4 and 16 threads give other bytes: hence the thread pin). `.ci/check_reproduced.py`
+# checks the same for the whole pipeline against dvc.lock.
 PORTABLE_HASH = "ed528f0ce48e710c2cf2bc3fa5ed3803d47af1ecea119abcb5b5605982e4abf9"
 
 
