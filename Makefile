@@ -5,19 +5,40 @@ BIN    := $(abspath $(VENV))/bin
 # Stages run `python ...`: put the venv first on PATH so DVC finds its interpreter.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install run test test-fast lint format bench accurate clean team-server
+.PHONY: help install lock run test test-fast lint format bench accurate clean team-server
 .DEFAULT_GOAL := help
 
 help:             ## this list of targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
 
-$(VENV)/.installed: pyproject.toml
+# The venv comes from requirements.lock: every dependency, direct and transitive, pinned (the
+# `test` extra included); a lock behind pyproject.toml stops here, saying so (.ci/check_lock.py).
+# The project goes in on top, editable and without dependencies, built by the locked setuptools;
+# `pip check` then proves the set consistent.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade "$$(grep -E '^pip==' requirements.lock || echo pip)"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python .ci/check_lock.py
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install the project (once; again when pyproject.toml changes)
+install: $(VENV)/.installed ## create .venv from requirements.lock (again when it or pyproject.toml changes)
+
+# requirements.lock from pyproject.toml (dependencies and the `test` extra) by pip-compile, which
+# resolves with pip and so sees this machine's local wheels too. Existing pins are kept where
+# pyproject.toml still allows them; LOCK_ARGS=--upgrade moves every pin to the newest allowed
+# release, LOCK_ARGS="--upgrade-package NAME" one. No hashes: torch and the nvidia-* wheels come
+# from this machine's local index (pip.conf), whose files need not be the same bytes as PyPI's.
+LOCK_ARGS ?=
+lock:             ## pin every dependency again from pyproject.toml (pip-compile)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip-compile || $(BIN)/python -m pip install --quiet \
+	    "$$(grep -E '^pip-tools==' requirements.lock 2>/dev/null || echo 'pip-tools>=7.4')"
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --extra test --strip-extras \
+	    --allow-unsafe --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
+	    -o requirements.lock pyproject.toml
 
 run: install      ## download, preprocess, train, evaluate (and gate): dvc repro
 	dvc repro

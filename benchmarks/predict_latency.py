@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from digits.data import read_pair  # noqa: E402
-from digits.predict import DEFAULT_MODEL, load_model, preprocess, probabilities, read_image  # noqa: E402
+from digits.imaging import preprocess, read_image  # noqa: E402
+from digits.predict import champion_uri, load_model, probabilities  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(Path(sys.executable).parent / "digits")
@@ -125,7 +126,7 @@ def batch_throughput(model, x: np.ndarray, repeats: int = 5) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--model", default=champion_uri())
     ap.add_argument("--requests", type=int, default=300)
     args = ap.parse_args()
 

@@ -10,10 +10,7 @@ more wrong images gets every image of a model with fewer wrong too (nested error
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +22,6 @@ from helpers import ROOT, init_git, make_fake_mnist
 NAME = "mnist-mlp"
 N_TEST = 2000  # one image = 0.05 accuracy points
 SCALE = 20.0  # logit of a bar fully lit
-
-
-def git(root: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"git {' '.join(args)}: {proc.stderr}"
-    return proc.stdout.strip()
 
 
 def write_params(root: Path, gates: dict) -> dict:
@@ -58,27 +49,18 @@ def make_repo(root: Path, gates: dict) -> Path:
 def make_workspace(root: Path, gates: dict) -> None:
     """make_repo, then the data and a history (what the stages before evaluate leave); the
     caller chdirs into it."""
-    from digits import numerics
-    from digits.data import file_digest, preprocess
-    from digits.files import DATA_SUMMARY, HISTORY, TEST_DATA, TRAIN_DATA, TRAIN_INFO
-    from digits.reports import write_history
+    from digits.data import preprocess
+    from digits.files import DATA_SUMMARY, HISTORY, TEST_DATA, TRAIN_DATA
+    from digits.reports import Epoch, write_history
 
     make_repo(root, gates)
     # the pipeline's outputs (dvc.yaml outs): not uncommitted changes to the project
     raw = make_fake_mnist(root / "data/raw", n_train=200, n_test=N_TEST)
     preprocess(raw, root / TRAIN_DATA, root / TEST_DATA, root / DATA_SUMMARY, 100, 0)
-    row = {"epoch": 1, "train_loss": 0.1, "train_accuracy": 1.0, "val_loss": 0.1}
-    write_history(root / HISTORY, [{**row, "val_accuracy": 1.0, "lr": 0.01}])
-    info = {  # what the train stage records beside the model (digits.train.train_info)
-        "started_at": time.time(),
-        "seconds": 1.0,
-        "samples_per_second": 100.0,
-        "device": "cpu",
-        "numerics": numerics.describe(),
-        "data": {"sha256": file_digest(root / TRAIN_DATA), "train_rows": 100, "val_rows": 100},
-    }
-    (root / TRAIN_INFO).parent.mkdir(parents=True, exist_ok=True)
-    (root / TRAIN_INFO).write_text(json.dumps(info))
+    row = Epoch(
+        epoch=1, train_loss=0.1, train_accuracy=1.0, val_loss=0.1, val_accuracy=1.0, lr=0.01
+    )
+    write_history(root / HISTORY, [row])
 
 
 def workspace_params(root: Path):
@@ -154,14 +136,18 @@ def hand_model(wrong: int = 0, variant: str = "") -> torch.nn.Sequential:
 
 def register(params, wrong: int = 0, variant: str = "") -> str:
     """Save a hand-set model as the train stage would and run the real evaluate stage, which
-    logs it and registers a new version; return that version."""
-    from digits import evaluate
-    from digits.files import MODEL, RUN_INFO
+    logs it and registers a new version; return that version (the newest of that model file:
+    the one the gate judges)."""
+    from mlflow import MlflowClient
+
+    from digits import evaluate, registry
+    from digits.data import file_digest
+    from digits.files import MODEL
     from digits.model import save_model
 
     save_model(hand_model(wrong, variant), MODEL, [11], 0.0)
     evaluate.run(params)
-    return json.loads(RUN_INFO.read_text())["version"]
+    return registry.version_of_model(MlflowClient(), NAME, file_digest(MODEL))
 
 
 def aliases(client) -> dict:

@@ -5,6 +5,7 @@ would hide a missing install step and so fails instead."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import shutil
@@ -19,12 +20,42 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pipeline", "src", ".dvcignore", "plots"]
 
 
-def mnist_dir() -> Path:
-    """The official files: $MNIST_DIR, else ../shared/mnist beside the checkout."""
-    d = Path(os.environ.get("MNIST_DIR", ROOT.parent / "shared" / "mnist"))
-    if not (d / "train-images-idx3-ubyte.gz").exists():
-        missing(f"no MNIST mirror at {d}", "set MNIST_DIR to a folder with the four .gz files")
-    return d
+def mnist_candidates(root: Path = ROOT) -> list[Path]:
+    """Where MNIST may already be, in the order the tests look: $MNIST_DIR, the local folders of
+    $MNIST_MIRROR (as the download stage reads them), data/raw (after `make run`),
+    ../shared/mnist beside the checkout, and the tests' own download cache."""
+    mirrors = [m.strip() for m in os.environ.get("MNIST_MIRROR", "").split(",")]
+    found = [os.environ.get("MNIST_DIR", ""), *(m for m in mirrors if "://" not in m)]
+    return [Path(p) for p in found if p] + [
+        root / "data" / "raw",
+        root.parent / "shared" / "mnist",
+        mnist_cache(),
+    ]
+
+
+def mnist_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digits" / "mnist"
+
+
+@functools.cache
+def mnist_dir(root: Path = ROOT) -> Path:
+    """A folder with the four official files (MD5-checked): the first candidate that has them,
+    else a download into the cache (the official mirrors, or $MNIST_MIRROR's URLs); skipped
+    (failed in CI) when there is none and no mirror answers."""
+    from digits.download import DownloadError, download, md5_matches
+    from digits.mnist import RESOURCES
+
+    for d in mnist_candidates(root):
+        if all(md5_matches(d / name, md5) for name, md5 in RESOURCES):
+            return d
+    try:
+        download(mnist_cache(), log=lambda line: None)
+    except DownloadError as e:
+        missing(
+            f"no MNIST at {', '.join(map(str, mnist_candidates(root)))} and no download ({e})",
+            "set MNIST_DIR to a folder with the four .gz files, or run `make run` first",
+        )
+    return mnist_cache()
 
 
 def write_idx(path: Path, arr: np.ndarray, magic: int | None = None) -> Path:
@@ -69,16 +100,18 @@ def run(
     return proc
 
 
+def git(root: Path, *args: str, check: bool = True) -> str:
+    """stdout of `git ARGS` in `root`, stripped: the one way tests run git."""
+    return run(["git", *args], root, check=check).stdout.strip()
+
+
 def init_git(root: Path, name: str = "test", email: str = "test@example.com") -> Path:
     """`root` as a git repository on `main`, everything in it committed by `name <email>`."""
-    for args in (
-        ["init", "-q", "-b", "main"],
-        ["config", "user.email", email],
-        ["config", "user.name", name],
-        ["add", "-A"],
-        ["commit", "-qm", "first"],
-    ):
-        run(["git", *args], root)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.email", email)
+    git(root, "config", "user.name", name)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "first")
     return root
 
 
@@ -95,59 +128,48 @@ def make_project(dest: Path) -> Path:
         elif src.exists():
             shutil.copy2(src, dest / name)
     shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
-    run(["git", "init", "-q", "-b", "main"], dest)
-    run(["git", "config", "user.email", "test@example.com"], dest)
-    run(["git", "config", "user.name", "test"], dest)
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "config", "user.email", "test@example.com")
+    git(dest, "config", "user.name", "test")
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "project"], dest)
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "project")
     return dest
 
 
 def make_trained_project(root: Path) -> Path:
     """A project folder where the evaluate stage can run, in seconds: the real dvc.yaml and
     .gitignore, params for a tiny run, fake data preprocessed, and a model trained on it (2
-    epochs, one thread) with the files the train stage writes (weights, history, train_info)."""
-    import json
-
-    import torch
+    epochs) with the files the train stage writes (weights, history), but no MLflow run: for
+    evaluate it is a model trained elsewhere."""
     import yaml
 
     from digits.config import parse_params
-    from digits.data import file_digest, load_split, preprocess
+    from digits.data import load_split, preprocess
     from digits.model import save_model
     from digits.reports import write_history
-    from digits.train import train, train_info
+    from digits.train import train
 
     raw = make_fake_mnist(root.parent / f"{root.name}-raw")
     root.mkdir(parents=True)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy2(ROOT / name, root / name)
-    (root / "params.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "data": {"val_size": 100},
-                "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
-                "evaluate": {"misclassified_shown": 6},
-            }
-        )
-    )
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     train_npz = root / "data/processed/train.npz"
     preprocess(raw, train_npz, root / "data/processed/test.npz", root / "reports/data.json", 100, 0)
-    p = parse_params(yaml.safe_load((root / "params.yaml").read_text())).train
-    tx, ty, vx, vy = load_split(train_npz, "train", "val")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = train(p, tx, ty, vx, vy, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    p = parse_params(TINY_PARAMS).train
+    result = train(p, load_split(train_npz, "train", "val"), progress=False)
     save_model(result.model, root / "models/model.safetensors", p.hidden_sizes, p.dropout)
     write_history(root / "reports/train_history.csv", result.history)
-    info = train_info(result, torch.device("cpu"), len(tx), len(vx), file_digest(train_npz))
-    (root / "models/train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return root
+
+
+TINY_PARAMS = {
+    "data": {"val_size": 100},
+    "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
+    "evaluate": {"misclassified_shown": 6},
+}
 
 
 def project_env(project: Path, mirror: str) -> dict:
@@ -236,16 +258,17 @@ def start_chromium(width: int = 1280, height: int = 900):
 
 def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> dict:
     """A real model for the tests that use one: the project's trainer, a few epochs on real
-    MNIST (about 97.5% accurate, seconds on a CPU), logged as the pipeline logs it (pt2,
-    probabilities out) into a fresh SQLite store in `store`, registered as `name` with the
-    alias champion. Returns the store's URI, the model's URI, the loaded pyfunc model, and
-    `env`: what a subprocess needs to find the store."""
+    MNIST (about 97.5% accurate, seconds on a CPU), logged and registered as the evaluate stage
+    does it (digits.serving: a pyfunc over the weights file) into a fresh SQLite store in
+    `store` as `name` with the alias champion. Returns the store's URI, the model's URI, the
+    loaded pyfunc model, the weights file, and `env`: what a subprocess needs to find the store."""
     import mlflow
     import torch
 
+    from digits import serving
     from digits.config import TrainParams
     from digits.data import read_pair, split
-    from digits.model import Probabilities
+    from digits.model import save_model
     from digits.train import train
 
     x, y = read_pair(mnist_dir(), "train")
@@ -253,25 +276,18 @@ def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> 
     images = lambda a: torch.from_numpy(a).float().div_(255)  # noqa: E731
     labels = lambda a: torch.from_numpy(a).long()  # noqa: E731
     p = TrainParams(epochs=epochs, device="cpu")
-    result = train(
-        p, images(train_x), labels(train_y), images(val_x), labels(val_y), progress=False
-    )
+    data = (images(train_x), labels(train_y), images(val_x), labels(val_y))
+    result = train(p, data, progress=False)
     store.mkdir(parents=True, exist_ok=True)
+    weights = store / "model.safetensors"
+    save_model(result.model, weights, p.hidden_sizes, p.dropout)
     uri = f"sqlite:///{store / 'mlflow.db'}"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # also sets the env var: restored below
     try:
         exp = mlflow.create_experiment("tests", artifact_location=(store / "mlartifacts").as_uri())
         with mlflow.start_run(experiment_id=exp):
-            info = mlflow.pytorch.log_model(
-                Probabilities(result.model).eval(),
-                name="model",
-                input_example=images(val_x[:2]).numpy(),
-                serialization_format="pt2",
-                registered_model_name=name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-        version = str(info.registered_model_version)
+            version = serving.log_and_register(weights, name)
         mlflow.MlflowClient(uri).set_registered_model_alias(name, "champion", version)
         model_uri = f"models:/{name}@champion"
         pyfunc = mlflow.pyfunc.load_model(model_uri)
@@ -282,7 +298,32 @@ def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> 
         "model_uri": model_uri,
         "version": version,
         "pyfunc": pyfunc,
+        "weights": weights,
         "env": {"MLFLOW_TRACKING_URI": uri},
+    }
+
+
+def registered(project: Path, uri: str | None = None, name: str = "mnist-mlp") -> dict:
+    """What the pipeline in `project` registered for its model file (no file in the project
+    names it: the store does): the newest version of that file, its run and experiment."""
+    from mlflow import MlflowClient
+
+    from digits import registry
+    from digits.data import file_digest
+
+    uri = uri or f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    version = registry.version_of_model(
+        client, name, file_digest(project / "models/model.safetensors")
+    )
+    assert version is not None, f"no version of {project}'s model in {uri}"
+    run_id = client.get_model_version(name, version).run_id
+    return {
+        "registered_model": name,
+        "version": version,
+        "run_id": run_id,
+        "experiment_id": client.get_run(run_id).info.experiment_id,
+        "tracking_uri": uri,
     }
 
 

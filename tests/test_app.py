@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from digits.data import read_pair
-from digits.predict import MAX_BYTES, preprocess, read_image
+from digits.imaging import MAX_BYTES, preprocess, read_image
 from helpers import mnist_dir, photo_like, run, start_chromium
 
 DIGITS = str(Path(sys.executable).parent / "digits")

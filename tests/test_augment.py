@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from digits.augment import BatchWarp, _grid_basis, augment_batch, make_augment
 from digits.config import parse_params
 from digits.data import load_split, preprocess
 from digits.model import save_model
-from digits.train import BatchWarp, _grid_basis, augment_batch, make_augment, train
+from digits.train import train
 from helpers import make_fake_mnist
 
 CPU = torch.device("cpu")
@@ -125,10 +126,10 @@ def test_training_with_the_warp_is_reproducible(tmp_path):
     p = parse_params({"train": base}).train
     files = []
     for name in ("a", "b"):
-        result = train(p, *data, progress=False)
+        result = train(p, data, progress=False)
         files.append(tmp_path / f"{name}.safetensors")
         save_model(result.model, files[-1], p.hidden_sizes, p.dropout)
     assert files[0].read_bytes() == files[1].read_bytes()
-    plain = train(parse_params({"train": {**base, "augment": {}}}).train, *data, progress=False)
+    plain = train(parse_params({"train": {**base, "augment": {}}}).train, data, progress=False)
     save_model(plain.model, tmp_path / "plain.safetensors", p.hidden_sizes, p.dropout)
     assert (tmp_path / "plain.safetensors").read_bytes() != files[0].read_bytes()

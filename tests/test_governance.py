@@ -1,4 +1,4 @@
-"""Promotion governance (README: The metric gate): experiments, other branches and dirty
+"""Promotion governance (docs/gate.md): experiments, other branches and dirty
 workspaces gate their versions but never move @champion; the thresholds are main's committed
 ones; the champion cannot drift below its high-water mark; a person promotes with a reason.
 
@@ -17,21 +17,21 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from digits import gate, promote
+from digits import gate, governance, policy
 from digits.cli import main as cli
 from digits.config import ConfigError, parse_params
 from digits.files import GATE_REPORT
+from digits.scores import Score
 from gate_workspace import (
     NAME,
     aliases,
     enter_workspace,
-    git,
     make_repo,
     register,
     workspace_params,
     write_params,
 )
-from helpers import dvc
+from helpers import dvc, git
 
 GATES = {"min_accuracy": 0.9, "max_loss": 100.0, "min_class_recall": 0.0}  # main's
 
@@ -42,28 +42,32 @@ GATES = {"min_accuracy": 0.9, "max_loss": 100.0, "min_class_recall": 0.0}  # mai
 def test_mcnemar_p_matches_a_hand_computed_binomial_tail():
     # b = 8 of 10 disagreements against the challenger: P(X >= 8), X ~ Binomial(10, 1/2)
     # = (C(10,8) + C(10,9) + C(10,10)) / 2^10 = (45 + 10 + 1) / 1024
-    assert gate.mcnemar_p(8, 2) == pytest.approx(56 / 1024, rel=1e-12)
-    assert gate.mcnemar_p(9, 1) == pytest.approx(11 / 1024, rel=1e-12)  # below alpha 0.05
-    assert gate.mcnemar_p(3, 0) == pytest.approx(1 / 8, rel=1e-12)
-    assert gate.mcnemar_p(0, 5) == 1.0  # the challenger is never worse
+    assert policy.mcnemar_p(8, 2) == pytest.approx(56 / 1024, rel=1e-12)
+    assert policy.mcnemar_p(9, 1) == pytest.approx(11 / 1024, rel=1e-12)  # below alpha 0.05
+    assert policy.mcnemar_p(3, 0) == pytest.approx(1 / 8, rel=1e-12)
+    assert policy.mcnemar_p(0, 5) == 1.0  # the challenger is never worse
     # and scipy's binomtest agrees on counts like a real gate's (hundreds of disagreements)
     from scipy.stats import binomtest
 
     for b, c in [(120, 95), (300, 250), (61, 40), (1, 1)]:
         want = binomtest(b, b + c, 0.5, alternative="greater").pvalue
-        assert gate.mcnemar_p(b, c) == pytest.approx(want, rel=1e-9)
-    assert gate.mcnemar_p(0, 0) == 1.0  # no disagreement, no evidence
+        assert policy.mcnemar_p(b, c) == pytest.approx(want, rel=1e-9)
+    assert policy.mcnemar_p(0, 0) == 1.0  # no disagreement, no evidence
     tail = sum(math.comb(45, k) for k in range(30, 46)) / 2**45
-    assert gate.mcnemar_p(30, 15) == pytest.approx(tail, rel=1e-9)
+    assert policy.mcnemar_p(30, 15) == pytest.approx(tail, rel=1e-9)
 
 
 def test_mcnemar_counts_only_the_images_where_the_models_disagree():
     import numpy as np
 
-    champion = gate.Score("1", {}, np.array([1, 1, 1, 0, 0, 1], bool), "", False)
-    new = gate.Score("2", {}, np.array([1, 0, 0, 1, 0, 1], bool), "", False)
-    c = gate.compare(champion, new)
-    assert (c.b, c.c) == (2, 1) and c.p == pytest.approx(gate.mcnemar_p(2, 1))
+    champion = Score(
+        version="1", metrics={}, correct=np.array([1, 1, 1, 0, 0, 1], bool), model_sha256=""
+    )
+    new = Score(
+        version="2", metrics={}, correct=np.array([1, 0, 0, 1, 0, 1], bool), model_sha256=""
+    )
+    c = policy.compare(champion, new)
+    assert (c.b, c.c) == (2, 1) and c.p == pytest.approx(policy.mcnemar_p(2, 1))
 
 
 # --- who may promote: real git repositories ------------------------------------------------------
@@ -84,7 +88,7 @@ def test_clean_main_promotes_whatever_the_pipeline_wrote(repo):
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_text("x")
     (repo / "reports/.gitignore").write_text("/figures\n")
-    ctx = promote.context(workspace_params(repo), repo)
+    ctx = governance.context(workspace_params(repo), repo)
     assert ctx.may_promote and ctx.why_not == "" and ctx.has_branch
     assert ctx.source.startswith("main@") and ctx.gates.min_accuracy == 0.9
     assert ctx.commit == git(repo, "rev-parse", "HEAD")
@@ -102,7 +106,7 @@ def test_clean_main_promotes_whatever_the_pipeline_wrote(repo):
 )
 def test_uncommitted_changes_are_not_a_promotion_run(repo, change, named):
     change(repo)
-    ctx = promote.context(workspace_params(repo), repo)
+    ctx = governance.context(workspace_params(repo), repo)
     assert not ctx.may_promote
     assert (
         ctx.why_not.startswith("the workspace has uncommitted changes: ") and named in ctx.why_not
@@ -112,13 +116,13 @@ def test_uncommitted_changes_are_not_a_promotion_run(repo, change, named):
 
 def test_experiments_are_not_promotion_runs(repo, monkeypatch, tmp_path):
     monkeypatch.setenv("DVC_EXP_NAME", "seed1")
-    ctx = promote.context(workspace_params(repo), repo)
+    ctx = governance.context(workspace_params(repo), repo)
     assert not ctx.may_promote and ctx.why_not == "this is DVC experiment `seed1`"
     # a queued experiment runs in a temporary copy; DVC_ROOT names the parent repository
     monkeypatch.delenv("DVC_EXP_NAME")
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.chdir(tmp_path)
-    ctx = promote.context(workspace_params(repo), repo)
+    ctx = governance.context(workspace_params(repo), repo)
     assert not ctx.may_promote and "temporary copy" in ctx.why_not
 
 
@@ -130,13 +134,13 @@ def test_other_branches_and_detached_heads_judge_by_main(repo):
     git(repo, "checkout", "-q", "-b", "feature")
     # `-S gates.promotion_branch=loose -S gates.min_accuracy=0.1`: the workspace's params
     write_params(repo, {**GATES, "min_accuracy": 0.1, "promotion_branch": "loose"})
-    ctx = promote.context(workspace_params(repo), repo)
+    ctx = governance.context(workspace_params(repo), repo)
     # HEAD's commit names the promotion branch: main, not the workspace's `loose`
     assert ctx.branch == "main" and ctx.gates.min_accuracy == 0.9
     assert ctx.why_not == "HEAD is on branch `feature`, not `main`"
     git(repo, "checkout", "-q", "params.yaml")
     git(repo, "checkout", "-q", "--detach", "main")
-    ctx = promote.context(workspace_params(repo), repo)
+    ctx = governance.context(workspace_params(repo), repo)
     assert not ctx.may_promote and ctx.why_not == "HEAD is detached (not on `main`)"
 
 
@@ -146,7 +150,7 @@ def test_a_pull_request_checkout_reads_origin_main(repo, tmp_path):
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     git(clone, "checkout", "-q", "--detach")
     git(clone, "branch", "-q", "-D", "main")
-    ctx = promote.context(workspace_params(clone), clone)
+    ctx = governance.context(workspace_params(clone), clone)
     assert ctx.has_branch and not ctx.may_promote and ctx.gates.min_accuracy == 0.9
 
 
@@ -155,7 +159,7 @@ def test_without_a_promotion_branch_nothing_is_promoted(tmp_path, monkeypatch):
     plain.mkdir()
     write_params(plain, GATES)
     monkeypatch.chdir(plain)
-    ctx = promote.context(workspace_params(plain), plain)
+    ctx = governance.context(workspace_params(plain), plain)
     assert not ctx.has_branch and not ctx.may_promote
     assert ctx.why_not == (
         f"{plain} is not in a git repository, so there is no promotion branch `main` to "
@@ -164,7 +168,7 @@ def test_without_a_promotion_branch_nothing_is_promoted(tmp_path, monkeypatch):
 
     other = make_repo(tmp_path / "other", GATES)
     git(other, "branch", "-q", "-m", "main", "trunk")
-    ctx = promote.context(workspace_params(other), other)
+    ctx = governance.context(workspace_params(other), other)
     assert not ctx.has_branch and not ctx.may_promote
     assert "has no branch `main`" in ctx.why_not
 
@@ -173,7 +177,7 @@ def test_bad_thresholds_on_main_stop_the_gate(repo):
     write_params(repo, {**GATES, "alpha": 2.0})
     git(repo, "commit", "-qam", "a bad alpha")
     with pytest.raises(ConfigError, match=r"^main:params.yaml: gates.alpha: input should be less"):
-        promote.context(parse_params({"gates": GATES}), repo)
+        governance.context(parse_params({"gates": GATES}), repo)
 
 
 # --- scenarios on a real registry ---------------------------------------------------------------
@@ -325,9 +329,8 @@ GATE_ONLY = """\
 stages:
   gate:
     cmd: python -m digits.cli gate
-    deps: [reports/mlflow_run.json]
+    deps: [models/model.safetensors]
     params: [gates]
-    outs: [reports/gate.md]
 """
 
 

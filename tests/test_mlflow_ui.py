@@ -4,11 +4,10 @@ branch and commit and shows its datasets; the run page explains its params again
 model page shows the @champion alias and what the model takes and returns.
 
 With SCREENSHOT_DIR set (e.g. `SCREENSHOT_DIR=docs pytest tests/test_mlflow_ui.py`), the runs
-table is saved there as mlflow-runs.png: the picture in the README."""
+table is saved there as mlflow-runs.png: the picture in the README and docs/mlflow.md."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,23 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_trained_project, run, set_params, start_chromium
+from helpers import git, init_git, make_trained_project, registered, run, set_params, start_chromium
 
 pytestmark = pytest.mark.slow
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 WAIT_S = 90  # for a page to show what it should (the machines running the tests are busy)
 
 
-def git(repo: Path, *args: str) -> str:
-    return run(["git", *args], repo).stdout.strip()
-
-
-def evaluate(project: Path, uri: str) -> dict:
-    """The real evaluate stage, as DVC would run it (but with no experiment name)."""
-    env = {**ONE_THREAD, "MLFLOW_TRACKING_URI": uri, "DVC_EXP_NAME": "", "DVC_ROOT": ""}
-    run([sys.executable, "-m", "digits.cli", "evaluate"], project, env=env)
-    return json.loads((project / "reports/mlflow_run.json").read_text())
+def stages(project: Path, uri: str, *names: str) -> dict:
+    """The real stages, as DVC would run them (but with no experiment name)."""
+    env = {"MLFLOW_TRACKING_URI": uri, "DVC_EXP_NAME": "", "DVC_ROOT": ""}
+    for name in names:
+        run([sys.executable, "-m", "digits.cli", name], project, env=env)
+    return registered(project, uri)
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +41,15 @@ def store(tmp_path_factory) -> dict:
 
     base = tmp_path_factory.mktemp("ui")
     project = make_trained_project(base / "project")
-    git(project, "init", "-q", "-b", "main")
-    git(project, "config", "user.email", "test@example.com")
-    git(project, "config", "user.name", "test")
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "first")
+    init_git(project)
     uri = f"sqlite:///{base / 'store' / 'mlflow.db'}"
-    first = evaluate(project, uri)
+    first = stages(project, uri, "train", "evaluate")
     git(project, "checkout", "-qb", "more-errors")
     set_params(project, **{"evaluate.misclassified_shown": 12})
     git(project, "commit", "-qam", "show more misclassified digits")
-    second = evaluate(project, uri)
+    second = stages(project, uri, "evaluate")  # the same model: evaluate alone reruns
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.set_registered_model_alias(first["registered_model"], "champion", first["version"])
+    client.set_registered_model_alias("mnist-mlp", "champion", first["version"])
     names = [client.get_run(r["run_id"]).info.run_name for r in (first, second)]
     return {"uri": uri, "runs": [first, second], "names": names, "project": project}
 

@@ -1,11 +1,13 @@
-"""The network (784-256-128-64-32-10, ReLU, logits out), the probability wrapper users see,
-and the safetensors model file (self-describing, no pickle, clear errors for anything else)."""
+"""The network (784-256-128-64-32-10, ReLU, logits out), its portable layers (products in numpy's
+OpenBLAS), the probability wrapper, the safetensors model file (self-describing, no pickle,
+clear errors for anything else) and the torch-free model users run (digits.inference)."""
 
 from __future__ import annotations
 
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,12 +15,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from digits.config import TrainParams
+from digits.inference import Classifier, softmax
 from digits.model import (
     ModelError,
+    PortableLinear,
     Probabilities,
     build_mlp,
     count_parameters,
     load_model,
+    predict_logits,
     save_model,
 )
 
@@ -27,7 +32,7 @@ SIZES = TrainParams().hidden_sizes  # the default in params.yaml
 
 def test_default_architecture():
     assert SIZES == (256, 128, 64, 32)
-    model = build_mlp(SIZES)
+    model = build_mlp(SIZES)  # the tests run pinned, as the pipeline does: portable layers
     linears = [m for m in model if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
         (784, 256),
@@ -38,15 +43,53 @@ def test_default_architecture():
     ]
     # Linear, ReLU, Linear, ReLU, ... Linear: ReLU between layers, nothing after the last
     kinds = [type(m) for m in model]
-    assert kinds == [nn.Linear, nn.ReLU] * 4 + [nn.Linear]
+    assert kinds == [PortableLinear, nn.ReLU] * 4 + [PortableLinear]
+    assert [type(m) for m in build_mlp(SIZES, portable=False)] == [nn.Linear, nn.ReLU] * 4 + [
+        nn.Linear
+    ]
     assert count_parameters(model) == sum(
         i * o + o for i, o in [(784, 256), (256, 128), (128, 64), (64, 32), (32, 10)]
     )
 
 
 def test_dropout_layers():
-    kinds = [type(m) for m in build_mlp((16, 8), dropout=0.2)]
+    kinds = [type(m) for m in build_mlp((16, 8), dropout=0.2, portable=False)]
     assert kinds == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+
+
+def test_portable_layers_compute_what_nn_linear_computes():
+    """Forward and every gradient through OpenBLAS agree with torch's own products (to float32
+    rounding: another library sums in another order)."""
+    torch.manual_seed(0)
+    portable, plain = build_mlp((32, 16), portable=True), build_mlp((32, 16), portable=False)
+    plain.load_state_dict(portable.state_dict())
+    x, y = torch.rand(50, 784), torch.randint(0, 10, (50,))
+    grads = []
+    for model in (portable, plain):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads[0])  # every parameter got a gradient
+
+
+def test_numpy_inference_is_bit_for_bit_the_torch_network(tmp_path):
+    """What evaluate scores and users get (numpy) equals what the trainer's network computes."""
+    torch.manual_seed(3)
+    model = build_mlp(SIZES).eval()
+    path = tmp_path / "m.safetensors"
+    save_model(model, path, SIZES, 0.0)
+    x = torch.rand(300, 784)
+    classifier = Classifier.from_file(path)
+    logits = classifier.logits(x.numpy())
+    assert logits.dtype == np.float32
+    assert np.array_equal(logits, predict_logits(model, x).numpy())
+    probs = classifier.probabilities(x.numpy())
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits), 1), atol=1e-6)
+    assert np.array_equal(probs.argmax(1), logits.argmax(1))
+    np.testing.assert_allclose(softmax(np.array([[1000.0, 0.0]])), [[1.0, 0.0]])  # no overflow
 
 
 def test_outputs_logits_and_wrapper_gives_probabilities():
@@ -142,10 +185,11 @@ BAD_MODELS = [
 def test_bad_model_file_is_a_clear_value_error(tmp_path, plant):
     path = tmp_path / "model.safetensors"
     plant(path)
-    with pytest.raises(ModelError) as err:
-        load_model(path)
-    msg = str(err.value)
-    assert msg.startswith(f"{path}: not a model written by digits"), msg
+    for load in (load_model, Classifier.from_file):  # torch's and numpy's readers alike
+        with pytest.raises(ModelError) as err:
+            load(path)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: not a model written by digits"), msg
 
 
 def test_missing_model_file(tmp_path):

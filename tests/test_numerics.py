@@ -1,12 +1,14 @@
-"""Bit-for-bit training across thread counts and CPU kernels (issue: the committed lock must
-come out on any x86-64 machine). Each run is a fresh process, since the math libraries read
-their settings when they load; the pins come from `digits.numerics.pin()`, as in the stages."""
+"""Bit-for-bit training across core counts, thread settings and CPU kernels (the committed lock
+must come out on any x86-64 machine with AVX2). Each run is a fresh process, since the math
+libraries read their settings when they load; the pins come from `digits.numerics.pin()`, as
+in the stages. docs/reproducibility.md says which CPUs each claim was measured on."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,73 +16,113 @@ from digits import numerics
 from helpers import ROOT, mnist_dir
 
 # Two epochs of the default trainer on 6,000 real MNIST images: the pipeline's own shapes
-# (batch 512 through 784-256-128-64-32-10), small enough for seconds per run.
+# (batch 512 through 784-256-128-64-32-10), small enough for seconds per run. The child prints
+# what it ran on, then the weights' sha256.
 SCRIPT = """
-import hashlib, sys
+import hashlib, os, sys
+if sys.argv[2] != "all":
+    os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
 from digits import numerics
 numerics.pin()
 import torch
+from digits import blas
 from digits.config import TrainParams
 from digits.data import read_pair
 from digits.train import train
 x, y = read_pair(__import__("pathlib").Path(sys.argv[1]), "train")
 x = torch.from_numpy(x[:6000]).float().div_(255.0); y = torch.from_numpy(y[:6000]).long()
 p = TrainParams(epochs=2, device="cpu")
-result = train(p, x[:5000], y[:5000], x[5000:], y[5000:], progress=False)
+result = train(p, (x[:5000], y[:5000], x[5000:], y[5000:]), progress=False)
 h = hashlib.sha256()
 for k, v in result.model.state_dict().items():
     h.update(k.encode()); h.update(v.numpy().tobytes())
-print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), h.hexdigest())
+info = blas.describe() if blas.portable() else "off"
+cores = len(os.sched_getaffinity(0))
+print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), cores)
+print(info)
+print(h.hexdigest())
 """
 
 
-def train_hash(threads: int | None, **env: str) -> tuple[str, str]:
-    """(CPU capability in use, weights hash) of a run in a fresh process, with `threads`
-    threads, or (None) as many as the pins give."""
+def train_hash(cpus: str = "all", **env: str) -> tuple[str, str, str]:
+    """(what ATen ran on: capability, threads, cores; OpenBLAS's kernels and threads; the weights'
+    sha256) of a run in a fresh process on `cpus` ("0": one core), with `env` over the pins."""
     full = {k: v for k, v in os.environ.items() if k not in numerics.PINS}
-    if threads is not None:
-        full.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     full.update(env)
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(mnist_dir())],
+        [sys.executable, "-c", SCRIPT, str(mnist_dir()), cpus],
         env=full,
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=True,
-    ).stdout.split()
-    assert out[1] == str(threads or numerics.PINS["OMP_NUM_THREADS"])
-    return out[0], out[2]
+    ).stdout.splitlines()
+    return out[-3], out[-2], out[-1]
 
 
 # The weights hash of SCRIPT under the pins, meant to be the same on every x86-64 CPU with AVX2
-# (and torch 2.14.1 from PyPI): measured on an Intel Xeon with AVX-512 and AMX, at 1 and 2
-# threads (4 and 16 threads give other bytes: hence the thread pin). `.ci/check_reproduced.py`
-# checks the same for the whole pipeline against dvc.lock.
-PORTABLE_HASH = "ed528f0ce48e710c2cf2bc3fa5ed3803d47af1ecea119abcb5b5605982e4abf9"
+# (and the locked torch, numpy and OpenBLAS): measured on an AMD EPYC (Zen 4, AVX-512) with 2
+# cores and with 1 (docs/reproducibility.md). `.ci/check_reproduced.py` checks the same for the
+# whole pipeline against dvc.lock.
+PORTABLE_HASH = "847ecb538221ce19280af9e4aeb594f703648bc5eb83c3ec8b7d110b15be5fc9"
+
+
+@pytest.fixture(scope="module")
+def pinned() -> tuple[str, str, str]:
+    return train_hash()
 
 
 @pytest.mark.slow
-def test_pinned_training_is_identical_at_1_and_2_threads():
-    """The tests train with one thread (the cores are shared); the pipeline with two."""
-    assert train_hash(1)[1] == train_hash(2)[1]
-
-
-@pytest.mark.slow
-def test_pinned_training_gives_the_same_bytes_on_every_cpu():
-    """Whatever this CPU is (AMD or Intel, AVX2 or AVX-512, 2 or 16 cores), the pins make
-    ATen run its AVX2 kernels on two threads and MKL its vendor-neutral branch: the bytes
-    are the ones measured when PORTABLE_HASH was written. A failure here on a new CPU means
-    the pins do not cover it; the README's Reproducibility section says what they cover."""
-    capability, digest = train_hash(None)
-    assert capability == "AVX2"
+def test_pinned_training_gives_the_same_bytes_on_every_cpu(pinned):
+    """Whatever this CPU is (AMD or Intel, AVX2 or AVX-512, 1 or 16 cores), the pins make ATen
+    run its AVX2 kernels on one thread and OpenBLAS its Haswell kernels on two: the bytes are
+    the ones measured when PORTABLE_HASH was written. A failure here on a new CPU means the pins
+    do not cover it (docs/reproducibility.md says what they cover)."""
+    aten, openblas, digest = pinned
+    assert aten.split()[:2] == ["AVX2", "1"]
+    assert openblas.endswith("Haswell, 2 threads"), openblas
     assert digest == PORTABLE_HASH
 
 
-def test_pins_leave_a_users_own_values_alone():
-    env = {"MKL_CBWR": "COMPATIBLE"}
+@pytest.mark.slow
+def test_one_core_gives_the_bytes_of_two(pinned):
+    """OpenBLAS caps OPENBLAS_NUM_THREADS at the core count, and one thread sums differently:
+    the run-time thread pin (digits.blas.pin_threads) keeps two threads on one core."""
+    aten, openblas, digest = train_hash("0")
+    assert aten.split()[2] == "1"  # really one core
+    assert openblas.endswith("2 threads")
+    assert digest == pinned[2]
+
+
+@pytest.mark.slow
+def test_openblas_kernels_decide_the_bytes(pinned):
+    """The Zen core type is the Haswell kernels under another name: the same bytes. The pin is
+    what makes them the same everywhere: OpenBLAS's own choice for an AVX-512 CPU (SkylakeX)
+    gives other bytes; four threads split the products otherwise and give other bytes too."""
+    assert train_hash(OPENBLAS_CORETYPE="Zen")[2] == pinned[2]
+    assert train_hash(OPENBLAS_NUM_THREADS="4")[2] != pinned[2]
+    if " avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("no AVX-512 here: OpenBLAS's SkylakeX kernels cannot run")
+    assert train_hash(OPENBLAS_CORETYPE="SkylakeX")[2] != pinned[2]
+
+
+@pytest.mark.slow
+def test_unpinned_training_is_torchs_own(pinned):
+    """DIGITS_PORTABLE_NUMERICS=0: torch's nn.Linear on MKL, whatever this CPU offers."""
+    _, openblas, digest = train_hash(**{numerics.SWITCH: "0"})
+    assert openblas == "off" and digest != pinned[2]
+
+
+def test_pin_sets_every_pin_and_leaves_a_users_own_values_alone():
+    env = {"OPENBLAS_CORETYPE": "Zen", "OMP_NUM_THREADS": "3"}  # a user's, not the pins'
     pins = numerics.pin(env)
-    assert pins["MKL_CBWR"] == "COMPATIBLE"
-    assert env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert env["OPENBLAS_CORETYPE"] == "Zen" and env["OMP_NUM_THREADS"] == "3"
+    assert pins == env  # what is in force, the user's values included
+    for key, value in numerics.PINS.items():
+        if key not in ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS"):
+            assert env[key] == value, key
     assert numerics.pin({numerics.SWITCH: "0"}) == {}
+    off = {numerics.SWITCH: "0"}
+    numerics.pin(off)
+    assert off == {numerics.SWITCH: "0"}  # switched off: nothing set

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from digits.data import read_idx
-from digits.evaluate import plot_robustness
+from digits.figures import plot_robustness
 from digits.robustness import CORRUPTIONS, RobustnessError, corrupt, corruption_accuracies
 from helpers import mnist_dir
 
@@ -190,20 +190,18 @@ def test_bad_requests_name_the_culprit():
 
 
 @pytest.mark.slow
-def test_the_registered_version_is_scored_through_pyfunc(tmp_path, monkeypatch):
-    """What the gate's min_corruption_accuracy reads: the version named in mlflow_run.json,
-    loaded from a real registry, scored on the processed test set; the gate checks the worst
-    corruption only when the threshold is above 0."""
-    import json
+def test_the_gate_scores_a_registered_versions_corruptions(tmp_path):
+    """What the gate's min_corruption_accuracy reads when a version's score record lacks the
+    corruption accuracies: the version's files, downloaded from a real registry, scored on the
+    processed test set, as users load it; the gate checks the worst only above 0."""
     import os
 
     import mlflow
 
     from digits.config import GateParams
     from digits.data import save_arrays
-    from digits.gate import checks
-    from digits.metrics import compute_metrics
-    from digits.robustness import registered_version_accuracies, worst_corruption
+    from digits.gate import Scorer
+    from digits.policy import checks, worst_corruption
     from helpers import register_champion
 
     d = mnist_dir()
@@ -211,31 +209,26 @@ def test_the_registered_version_is_scored_through_pyfunc(tmp_path, monkeypatch):
     y = read_idx(d / "t10k-labels-idx1-ubyte.gz", "labels")[:1000]
     save_arrays(tmp_path / "test.npz", test_x=x, test_y=y)
     reg = register_champion(tmp_path / "store", epochs=2)
-    info = tmp_path / "mlflow_run.json"
-    info.write_text(json.dumps({"registered_model": "mnist-mlp", "version": reg["version"]}))
-    # the stage layout, for the gate's own call (paths relative to the project root)
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "mlflow_run.json").write_text(info.read_text())
-    (tmp_path / "data" / "processed").mkdir(parents=True)
-    (tmp_path / "data" / "processed" / "test.npz").write_bytes((tmp_path / "test.npz").read_bytes())
-    monkeypatch.chdir(tmp_path)
-    new = compute_metrics(reg["pyfunc"].predict(x.astype(np.float32) / 255), y)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(reg["tracking_uri"])
     try:
-        result = registered_version_accuracies(info, tmp_path / "test.npz")
-        off = checks(GateParams(), new, None, None)
-        strict = checks(GateParams(min_corruption_accuracy=0.99), new, None, None)
-        loose = checks(GateParams(min_corruption_accuracy=0.05), new, None, None)
+        client = mlflow.MlflowClient()
+        score = Scorer(client, "mnist-mlp", tmp_path / "test.npz", "sha", True).score(
+            reg["version"]
+        )
     finally:
         mlflow.set_tracking_uri(previous)
+    result = score.robustness
+    off = checks(GateParams(), score, comparison=None, high=None)
+    strict = checks(GateParams(min_corruption_accuracy=0.99), score, comparison=None, high=None)
+    loose = checks(GateParams(min_corruption_accuracy=0.05), score, comparison=None, high=None)
     assert "min_corruption_accuracy" not in [c.gate for c in off]
     assert strict[-1].gate == loose[-1].gate == "min_corruption_accuracy"
     assert strict[-1].value == loose[-1].value == result["worst"]
     assert not strict[-1].passed and loose[-1].passed
     assert worst_corruption(result)[0] in strict[-1].metric
     direct = corruption_accuracies(reg["pyfunc"].predict, x.astype(np.float32) / 255, y)
-    assert result == direct
+    assert result == direct  # what users load scores the same
     name, acc = worst_corruption(result)
     assert acc == result["worst"] == min(result["corruptions"].values())
     assert result["corruptions"][name] == acc

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import dvc, make_project, missing, project_env, run, set_params
+from helpers import dvc, make_project, missing, project_env, registered, run, set_params
 from pg import PG_HINT, TeamServer, local_postgres, query
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores
@@ -87,8 +87,8 @@ class Interrupted:
 
 
 def repro_stopping_the_server(project: Path, env: dict, server: TeamServer, pg) -> Interrupted:
-    """`dvc repro`, with the server stopped as soon as evaluate has created its MLflow run
-    (evaluate then still logs metrics, figures and the model), then started again."""
+    """`dvc repro`, with the server stopped as soon as the train stage has created its MLflow
+    run (it then logs every epoch), then started again."""
     import psycopg
 
     with psycopg.connect(
@@ -147,11 +147,12 @@ def test_server_stopped_mid_way_fails_fast_and_a_rerun_redoes_it(alice, server):
     out = interrupted.out
     assert interrupted.returncode != 0, out
     assert interrupted.after_stop < 30, f"took {interrupted.after_stop:.1f}s to fail:\n{out}"
-    assert re.search(rf"digits (evaluate|gate): error: .*{re.escape(server.url)}", out), out
+    assert re.search(rf"digits train: error: .*{re.escape(server.url)}", out), out
     assert "Traceback" not in out, out
-    assert "Running stage 'train'" in out  # the stages before it ran, and keep their outputs
+    assert "Running stage 'preprocess'" in out  # the stages before it ran, and keep their outputs
 
-    assert "Running stage 'train'" not in rerun.stdout
+    assert "Running stage 'preprocess'" not in rerun.stdout
+    assert "Running stage 'train'" in rerun.stdout
     assert "Running stage 'evaluate'" in rerun.stdout
     assert "Running stage 'gate'" in rerun.stdout
     assert "changed" not in dvc(project, "status", env=env).stdout
@@ -164,8 +165,7 @@ def test_pipeline_registers_and_promotes_on_the_server(alice, server, pg):
     from mlflow import MlflowClient
 
     project, _, _, _ = alice
-    info = json.loads((project / "reports/mlflow_run.json").read_text())
-    assert info["tracking_uri"] == server.url
+    info = registered(project, server.url)
     client = MlflowClient(server.url, registry_uri=server.url)
     assert champion(server.url) == info["version"]
     version = client.get_model_version(NAME, info["version"])
@@ -236,23 +236,23 @@ def test_teammate_in_an_empty_folder_loads_the_champion(alice, server, tmp_path,
 def test_existing_experiment_with_a_client_folder_is_refused(server, monkeypatch, tmp_path):
     from mlflow import MlflowClient
 
-    from digits import tracking
+    from digits import store
 
-    for key, value in tracking.HTTP_DEFAULTS.items():
-        monkeypatch.setenv(key, value)  # connect() sets them; keep this process's env as it was
+    for key, value in store.HTTP_DEFAULTS.items():
+        monkeypatch.setenv(key, value)  # open_store() sets them; keep this process's env as is
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     client = MlflowClient(server.url)
     # what an older client did: created the experiment with its own folder as the location
     client.create_experiment("legacy", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    with pytest.raises(tracking.TrackingError) as e:
-        tracking.connect("legacy")
+    with pytest.raises(store.StoreError) as e:
+        store.open_store("legacy")
     message = str(e.value)
     assert f"experiment 'legacy' on {server.url}" in message
     assert "mlflow experiments rename" in message and "\n" not in message
 
-    fresh = tracking.connect("fresh")
+    fresh = store.open_store("fresh").experiment_id
     assert client.get_experiment(fresh).artifact_location.startswith("mlflow-artifacts:")
-    assert tracking.connect("fresh") == fresh
+    assert store.open_store("fresh").experiment_id == fresh
 
 
 # --- queued experiments, two at a time -------------------------------------------------------
@@ -325,7 +325,7 @@ def test_dvc_push_then_pull_in_another_clone_leaves_nothing_to_run(alice, remote
     project, env = dan
     assert not (project / "models/model.safetensors").exists()
     dvc(project, "pull", env=env)
-    for out in ("models/model.safetensors", "data/processed/test.npz", "reports/mlflow_run.json"):
+    for out in ("models/model.safetensors", "data/processed/test.npz", "reports/metrics.json"):
         assert (project / out).read_bytes() == (alice[0] / out).read_bytes()
     assert "up to date" in dvc(project, "status", env=env).stdout
     again = dvc(project, "repro", env=env)
@@ -345,8 +345,8 @@ def test_dvc_exp_push_and_pull_share_an_experiment(queued, remotes, dan, server)
     dvc(project, "exp", "apply", "seed1", env=env)
     assert "seed: 1" in (project / "params.yaml").read_text()
     assert "changed" not in dvc(project, "status", "evaluate", env=env).stdout  # data pulled
-    # the experiment's files name its run on the team server
-    info = json.loads((project / "reports/mlflow_run.json").read_text())
+    # the experiment's model file leads to its run on the team server
+    info = registered(project, server.url)
     run_ = MlflowClient(server.url).get_run(info["run_id"])
     assert run_.data.tags["dvc_exp_name"] == "seed1"
 
@@ -416,18 +416,18 @@ class _LoginWall(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_server_that_wants_a_login_says_so(monkeypatch):
-    from digits import tracking
+    from digits import store
 
     wall = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LoginWall)
     threading.Thread(target=wall.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{wall.server_address[1]}"
-    for key, value in tracking.HTTP_DEFAULTS.items():
+    for key, value in store.HTTP_DEFAULTS.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     try:
-        with pytest.raises(tracking.TrackingError, match="wants a login") as e:
-            tracking.connect("mnist")
+        with pytest.raises(store.StoreError, match="wants a login") as e:
+            store.open_store("mnist")
     finally:
         wall.shutdown()
     assert str(e.value) == (

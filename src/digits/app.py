@@ -22,8 +22,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from digits.errors import DigitsError
+from digits.imaging import MAX_BYTES, ImageError, preprocess, read_image
 from digits.mnist import COLS, ROWS
-from digits.predict import MAX_BYTES, ImageError, load_model, preprocess, probabilities, read_image
+from digits.predict import champion_uri, load_model, probabilities
 
 STATIC = files("digits") / "static"
 # Past MAX_BYTES a body is read and dropped (not kept) so the client can finish sending and
@@ -115,10 +116,11 @@ def listen(host: str, port: int) -> socket.socket:
 def main(args) -> int:
     """The `digits app` handler: load the model, then serve until Ctrl+C."""
     sock = listen(args.host, args.port)  # first: a taken port fails before seconds of loading
-    model = load_model(args.model)
+    uri = args.model or champion_uri()
+    model = load_model(uri)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"digits app: {args.model} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
-    config = uvicorn.Config(create_app(model, args.model), log_level="warning")
+    print(f"digits app: {uri} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
+    config = uvicorn.Config(create_app(model, uri), log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -47,14 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", metavar="VERSION", help="the registered version, e.g. 7")
     p.add_argument("--reason", required=True, help="why (recorded on the version)")
     p.set_defaults(handler=_promote)
-    model_help = "MLflow model URI (default: models:/mnist-mlp@champion in the configured store)"
+    model_help = (
+        "MLflow model URI (default: models:/<mlflow.registered_model of params.yaml>@champion "
+        "in the configured store)"
+    )
     p = sub.add_parser("predict", help="predict the digit in image files")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... of one digit each")
-    p.add_argument("--model", default="models:/mnist-mlp@champion", help=model_help)
+    p.add_argument("--model", help=model_help)
     p.add_argument("--json", action="store_true", help="one JSON object per line, all ten probs")
     p.set_defaults(handler=_predict)
     p = sub.add_parser("app", help="a page to draw a digit and see what the model thinks")
-    p.add_argument("--model", default="models:/mnist-mlp@champion", help=model_help)
+    p.add_argument("--model", help=model_help)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
     p.set_defaults(handler=_app)

@@ -153,19 +153,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
-def flat_params(params: Params) -> dict[str, object]:
-    """{'train.lr': 0.002, ...}: the form MLflow logs and DVC shows."""
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 0.002}} -> {'train.lr': 0.002}: the form MLflow logs and DVC shows
+    (tuples as lists)."""
     out: dict[str, object] = {}
-
-    def walk(prefix: str, obj: object) -> None:
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
         else:
-            out[prefix] = list(obj) if isinstance(obj, tuple) else obj
-
-    walk("", params.model_dump())
+            out[key] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def flat_params(params: Params) -> dict[str, object]:
+    return flatten(params.model_dump())
 
 
 def _lists_to_tuples(obj: object) -> object:

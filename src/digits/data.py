@@ -172,6 +172,15 @@ def load_split(path: Path, *names: str) -> list:
     return out
 
 
+def load_arrays(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split `name` of a processed .npz as numpy: float32 images in [0, 1], int64 labels (for
+    the stages that score with digits.inference and need no torch)."""
+    with np.load(path, allow_pickle=False) as f:
+        x, y = f[f"{name}_x"], f[f"{name}_y"]
+    check_arrays(f"{path}:{name}", x, y)
+    return x.astype(np.float32) / np.float32(255.0), y.astype(np.int64)
+
+
 def load_labels(path: Path, name: str) -> np.ndarray:
     """The labels of split `name` as int64, without the images (or torch): for the gate."""
     with np.load(path, allow_pickle=False) as f:

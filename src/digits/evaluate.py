@@ -1,148 +1,118 @@
-"""Test-set metrics and figures. The test set is read here and nowhere before.
+"""The `evaluate` stage: the trained model on the test set (read here and nowhere before), the
+corruption suite, the figures, and the MLflow run's test metrics and registered version.
 
-Figures are drawn with matplotlib's object-oriented `Figure`, which renders to a file with no
-GUI backend to choose: importing this module changes no global state."""
+Scoring runs the model as users run it (digits.inference, numpy): the probabilities scored here
+are the ones the registered version serves. torch loads only for the corruption suite."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
 
-from digits.files import atomic_path
-from digits.metrics import compute_metrics, confusion_matrix
-from digits.mnist import CLASSES, COLS, ROWS
-from digits.robustness import corruption_accuracies
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})  # no version stamp
-    return path
-
-
-def plot_history(history: list[dict], path: Path) -> Path:
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4), layout="tight")
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for split in ("train", "val"):
-        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker=".", label=split)
-        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], marker=".", label=split)
-    ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.set(title="accuracy", xlabel="epoch")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return _save(fig, path)
-
-
-def plot_confusion(y: np.ndarray, pred: np.ndarray, path: Path) -> Path:
-    cm = confusion_matrix(y, pred)
-    fig = Figure(figsize=(6.5, 5.5), layout="tight")
-    ax = fig.subplots()
-    # log scale so the off-diagonal errors (tens) are visible beside the diagonal (thousands)
-    im = ax.imshow(cm + 1, cmap="Blues", norm=LogNorm())
-    for i in CLASSES:
-        for j in CLASSES:
-            if cm[i, j]:
-                color = "white" if i == j else "black"
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7, color=color)
-    ax.set(
-        xticks=CLASSES,
-        yticks=CLASSES,
-        xlabel="predicted",
-        ylabel="actual",
-        title="confusion matrix (test set)",
-    )
-    fig.colorbar(im, ax=ax, label="count + 1 (log)")
-    return _save(fig, path)
-
-
-def plot_misclassified(
-    x: np.ndarray, y: np.ndarray, probs: np.ndarray, shown: int, path: Path
-) -> Path:
-    """The first `shown` misclassified test digits, as one mosaic image (one axes, not one per
-    digit: drawing 36 axes took seconds), each labelled true -> predicted (probability)."""
-    pred = probs.argmax(1)
-    wrong = np.flatnonzero(pred != y)[:shown]
-    cols = 6
-    rows = max(1, -(-len(wrong) // cols))
-    cell = ROWS + 12  # room for the label above each digit
-    mosaic = np.zeros((rows * cell, cols * (COLS + 4)))
-    fig = Figure(figsize=(cols * 1.6, rows * 1.8), layout="tight")
-    ax = fig.subplots()
-    for k, i in enumerate(wrong):
-        r, c = divmod(k, cols)
-        top, left = r * cell + 10, c * (COLS + 4) + 2
-        mosaic[top : top + ROWS, left : left + COLS] = x[i].reshape(ROWS, COLS)
-        label = f"#{i}: {y[i]}→{pred[i]} ({probs[i, pred[i]]:.2f})"
-        ax.text(left + COLS / 2, top - 2, label, ha="center", va="bottom", fontsize=7)
-    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    ax.axis("off")
-    ax.set_title(f"misclassified test digits (first {len(wrong)}: true→predicted (p))")
-    return _save(fig, path)
-
-
-def plot_robustness(robustness: dict, clean_accuracy: float, path: Path) -> Path:
-    """Accuracy on each corrupted copy of the test set (digits.robustness), clean for scale."""
-    names = list(robustness["corruptions"])
-    accs = [robustness["corruptions"][n] for n in names]
-    fig = Figure(figsize=(7, 5), layout="tight")
-    ax = fig.subplots()
-    bars = ax.barh(names, accs, color="tab:blue")
-    ax.bar_label(bars, labels=[f"{a:.2%}" for a in accs], padding=2, fontsize=8)
-    ax.axvline(clean_accuracy, color="tab:green", ls="--", label=f"clean {clean_accuracy:.2%}")
-    ax.invert_yaxis()
-    ax.set(
-        xlim=(0, 1.12),
-        xlabel="test accuracy",
-        title=f"corrupted test sets: mean {robustness['mean']:.2%}, "
-        f"worst {robustness['worst']:.2%}",
-    )
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
-    return _save(fig, path)
+from digits.metrics import compute_metrics
 
 
 def run(params) -> dict:
-    """The `evaluate` stage: model + test set -> metrics, predictions, figures, MLflow run."""
-    from digits import tracking
-    from digits.data import load_split
+    """Model + test set -> metrics, predictions, figures, MLflow run and a new version."""
+    from digits import figures, tracking
+    from digits.data import file_digest, load_arrays
     from digits.files import FIGURES, HISTORY, METRICS, MODEL, PREDICTIONS, TEST_DATA
-    from digits.model import load_model, predict_logits
+    from digits.inference import Classifier
     from digits.reports import read_history, write_metrics, write_predictions
+    from digits.robustness import corruption_accuracies
 
-    # the store first: a dead tracking server fails the stage now, not after the scoring
-    tracking.connect(params.mlflow.experiment)
-    model = load_model(MODEL)
-    test_x, test_y = load_split(TEST_DATA, "test")
-    logits = predict_logits(model, test_x, params.evaluate.batch_size)
-    probs = torch.softmax(logits, 1).numpy()
-    x, y, pred = test_x.numpy(), test_y.numpy(), probs.argmax(1)
-    metrics = compute_metrics(probs, y)
-    metrics["robustness"] = corruption_accuracies(
-        lambda im: torch.softmax(predict_logits(model, im, params.evaluate.batch_size), 1),
-        test_x,
-        test_y,
-    )
+    model_sha256 = file_digest(MODEL)
     history = read_history(HISTORY)
-    figures = [
-        plot_history(history, FIGURES / "training_curves.png"),
-        plot_confusion(y, pred, FIGURES / "confusion_matrix.png"),
-        plot_misclassified(
-            x, y, probs, params.evaluate.misclassified_shown, FIGURES / "misclassified.png"
-        ),
-        plot_robustness(metrics["robustness"], metrics["accuracy"], FIGURES / "robustness.png"),
-    ]
-    write_predictions(PREDICTIONS, y.tolist(), pred.tolist())
-    write_metrics(METRICS, metrics)
-    print(
-        f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
-        f"macro F1 {metrics['macro_f1']:.4f}; corrupted: mean "
-        f"{metrics['robustness']['mean']:.4f}, worst {metrics['robustness']['worst']:.4f}"
-    )
-    tracking.log_pipeline_run(params, metrics, history, figures, model, test_x[:2], pred == y)
+    # the store first: a dead tracking server fails the stage now, not after the scoring
+    with tracking.evaluation_run(params, model_sha256=model_sha256, history=history) as (
+        store,
+        run_id,
+    ):
+        classifier = Classifier.from_file(MODEL)
+        x, y = load_arrays(TEST_DATA, "test")
+        probs = classifier.probabilities(x)
+        pred = probs.argmax(1)
+        metrics = compute_metrics(probs, y)
+        metrics["robustness"] = corruption_accuracies(classifier.probabilities, x, y)
+        drawn = [
+            figures.plot_history(history, FIGURES / "training_curves.png"),
+            figures.plot_confusion(y, pred, FIGURES / "confusion_matrix.png"),
+            figures.plot_misclassified(
+                x, y, probs, params.evaluate.misclassified_shown, FIGURES / "misclassified.png"
+            ),
+            figures.plot_robustness(
+                metrics["robustness"], metrics["accuracy"], FIGURES / "robustness.png"
+            ),
+        ]
+        write_predictions(PREDICTIONS, y.tolist(), pred.tolist())
+        write_metrics(METRICS, metrics)
+        print(
+            f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
+            f"macro F1 {metrics['macro_f1']:.4f}; corrupted: mean "
+            f"{metrics['robustness']['mean']:.4f}, worst {metrics['robustness']['worst']:.4f}"
+        )
+        test_sha256 = file_digest(TEST_DATA)
+        tracking.log_evaluation(store, run_id, metrics, drawn, test_sha256, len(y))
+        version = register(
+            store,
+            params,
+            run_id,
+            metrics=metrics,
+            correct=pred == y,
+            model_sha256=model_sha256,
+            test_sha256=test_sha256,
+        )
+    print(f"evaluate: MLflow run {run_id}; registered {params.mlflow.registered_model} v{version}")
     return metrics
+
+
+def register(
+    store,
+    params,
+    run_id: str,
+    *,
+    metrics: dict,
+    correct: np.ndarray,
+    model_sha256: str,
+    test_sha256: str,
+) -> str:
+    """Log the model into the run and register it as a new version, tagged with what it was
+    made from and scored at: the score record (digits.scores) the gate reads instead of
+    scoring it again, keyed by the version's files as the registry now serves them."""
+    import tempfile
+
+    from digits import registry, scores, serving
+    from digits.files import MODEL
+
+    name = params.mlflow.registered_model
+    with store.writing() as client:
+        version = serving.log_and_register(Path(MODEL), name)
+        serving.describe_registered_model(client, name)
+        run = client.get_run(run_id)
+        tags = {
+            registry.MODEL_TAG: model_sha256,
+            "data.test_sha256": test_sha256,
+            "run_id": run_id,
+            "run_name": run.info.run_name,
+            "git_commit": run.data.tags.get("git_commit", ""),
+            "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+            "test_accuracy": str(metrics["accuracy"]),
+        }
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        with tempfile.TemporaryDirectory(prefix="digits-evaluate-") as tmp:
+            sha = scores.files_sha256(scores.download_model(name, version, tmp))
+        plain = {k: v for k, v in metrics.items() if k != "robustness"}
+        score = scores.Score(
+            version=version,
+            metrics=plain,
+            correct=np.asarray(correct, bool),
+            model_sha256=sha,
+            by="evaluate",
+            robustness=metrics["robustness"],
+        )
+        client.set_model_version_tag(
+            name, version, scores.CACHE_TAG, scores.cache_record(score, test_sha256)
+        )
+    return version

@@ -15,13 +15,11 @@ TRAIN_DATA = Path("data/processed/train.npz")  # train + validation split
 TEST_DATA = Path("data/processed/test.npz")
 DATA_SUMMARY = Path("reports/data.json")
 MODEL = Path("models/model.safetensors")
-TRAIN_INFO = Path("models/train_info.json")  # when, how fast, on what: wall clock, not in git
 HISTORY = Path("reports/train_history.csv")
 METRICS = Path("reports/metrics.json")
 PREDICTIONS = Path("reports/predictions.csv")
 FIGURES = Path("reports/figures")
-RUN_INFO = Path("reports/mlflow_run.json")
-GATE_REPORT = Path("reports/gate.md")
+GATE_REPORT = Path("reports/gate.md")  # not tracked by DVC: it names registry versions
 
 
 def repo_root() -> Path:

@@ -3,7 +3,11 @@
 `build_mlp` returns logits: CrossEntropyLoss applies log-softmax itself, so a softmax before the
 loss would be applied twice. Users see probabilities through `Probabilities`, the wrapper that is
 logged to MLflow. Weights are saved as safetensors with the architecture in the header, so a
-model file is self-describing and loading it runs no pickle."""
+model file is self-describing and loading it runs no pickle.
+
+With the portable numerics on (the default, `digits.numerics`), the layers are `PortableLinear`:
+an `nn.Linear` whose three matrix products (forward, and the input and weight gradients) run in
+`digits.blas` on the CPU. Same parameters, same state dict: only where the products run differs."""
 
 from __future__ import annotations
 
@@ -12,28 +16,58 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from digits.errors import DigitsError
+from digits import blas
 from digits.files import atomic_path
+from digits.inference import ModelError, read_model_file  # noqa: F401 (re-exported)
 from digits.mnist import NUM_CLASSES, NUM_PIXELS
 
 
-class ModelError(DigitsError):
-    """A model file that is missing or was not written by `save_model`."""
+class _BlasLinear(torch.autograd.Function):
+    """y = x W^T + b with the products in digits.blas; the bias and its gradient in torch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        out = torch.from_numpy(blas.matmul(x.detach().numpy(), weight.detach().numpy().T))
+        return out.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.detach().numpy()
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # not for the first layer: its input is the data
+            grad_x = torch.from_numpy(blas.matmul(g, weight.detach().numpy()))
+        grad_w = torch.from_numpy(blas.matmul(g.T, x.detach().numpy()))
+        return grad_x, grad_w, grad.sum(0)
 
 
-def build_mlp(hidden_sizes: tuple[int, ...] | list[int], dropout: float = 0.0) -> nn.Sequential:
-    """784 -> hidden... -> 10, ReLU (and optional dropout) between layers, logits out."""
+class PortableLinear(nn.Linear):
+    """nn.Linear whose products run in digits.blas on the CPU (elsewhere: torch's own)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.bias is None:
+            return super().forward(x)
+        return _BlasLinear.apply(x, self.weight, self.bias)
+
+
+def build_mlp(
+    hidden_sizes: tuple[int, ...] | list[int], dropout: float = 0.0, portable: bool | None = None
+) -> nn.Sequential:
+    """784 -> hidden... -> 10, ReLU (and optional dropout) between layers, logits out.
+
+    `portable` (default: the numerics' setting) picks PortableLinear over nn.Linear."""
+    linear = PortableLinear if (blas.portable() if portable is None else portable) else nn.Linear
     layers: list[nn.Module] = []
     sizes = [NUM_PIXELS, *hidden_sizes]
     for fan_in, fan_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        layers += [linear(fan_in, fan_out), nn.ReLU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(sizes[-1], NUM_CLASSES))
+    layers.append(linear(sizes[-1], NUM_CLASSES))
     return nn.Sequential(*layers)
 
 
@@ -62,26 +96,12 @@ def save_model(model: nn.Sequential, path: str | Path, hidden_sizes, dropout: fl
         save_file(state, str(tmp), metadata=meta)
 
 
-def load_model(path: str | Path) -> nn.Sequential:
-    """Rebuild the network from a safetensors file written by save_model, in eval mode."""
-    path = Path(path)
-    try:
-        state = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            arch = json.loads((f.metadata() or {})["architecture"])
-    except FileNotFoundError:
-        raise ModelError(f"{path}: model file not found") from None
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise ModelError(f"{path}: not a model written by digits ({e})") from None
-    try:
-        model = build_mlp(arch["hidden_sizes"], arch["dropout"])
-        model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError) as e:  # header and tensors disagree
-        detail = " ".join(str(e).split())[:300]  # one line for the CLI
-        raise ModelError(
-            f"{path}: not a model written by digits (its weights do not match "
-            f"the architecture in its header: {detail})"
-        ) from None
+def load_model(path: str | Path, portable: bool | None = None) -> nn.Sequential:
+    """Rebuild the torch network from a file written by save_model (read by
+    digits.inference, which checks it), in eval mode."""
+    model_file = read_model_file(path)
+    model = build_mlp(model_file.hidden_sizes, model_file.dropout, portable)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in model_file.tensors.items()})
     return model.eval()
 
 

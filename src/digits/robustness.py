@@ -183,27 +183,3 @@ def corruption_accuracies(predict_probs: Callable, x, y, seed: int = 0) -> dict:
         "worst": min(accs.values()),
         "corruptions": accs,
     }
-
-
-def registered_version_accuracies(run_info=None, test_data=None, seed: int = 0) -> dict:
-    """`corruption_accuracies` of the version the evaluate stage registered (named in
-    reports/mlflow_run.json), loaded from the registry through MLflow pyfunc as users load it,
-    on the processed test set. For the gate; the tracking URI must be set already."""
-    import json
-    from pathlib import Path
-
-    import mlflow.pyfunc
-
-    from digits.data import load_split
-    from digits.files import RUN_INFO, TEST_DATA
-
-    info = json.loads(Path(run_info or RUN_INFO).read_text())
-    model = mlflow.pyfunc.load_model(f"models:/{info['registered_model']}/{info['version']}")
-    x, y = load_split(Path(test_data or TEST_DATA), "test")
-    return corruption_accuracies(model.predict, x.numpy(), y.numpy(), seed)
-
-
-def worst_corruption(result: dict) -> tuple[str, float]:
-    """(name, accuracy) of the corruption a model handles worst (the first, on a tie)."""
-    name = min(result["corruptions"], key=result["corruptions"].get)
-    return name, result["corruptions"][name]

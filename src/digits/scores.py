@@ -33,13 +33,13 @@ CACHE_TAG = "gate.score"
 CACHE_FORMAT = 1  # of the record in CACHE_TAG: bump when what a score means changes
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Score:
     version: str
     metrics: dict  # compute_metrics's dict: accuracy, loss, per_class, ...
     correct: np.ndarray  # bool per test image: the prediction was right
     model_sha256: str
-    cached: bool  # read from the record, not computed in this process
+    cached: bool = False  # read from the record, not computed in this process
     by: str = "gate"  # who computed it: "evaluate" (the stage that registered it) or "gate"
     robustness: dict | None = None  # corruption_accuracies, when the record has current ones
 
@@ -129,7 +129,14 @@ def from_cache(text: str | None, version: str, model_sha256: str, test_sha256: s
         robustness = rec.get("robustness")
         if rec.get("robustness_sha256") != robustness_sha256():
             robustness = None
-        by = rec.get("by", "gate")
-        return Score(version, metrics, correct, model_sha256, True, by, robustness)
+        return Score(
+            version=version,
+            metrics=metrics,
+            correct=correct,
+            model_sha256=model_sha256,
+            cached=True,
+            by=rec.get("by", "gate"),
+            robustness=robustness,
+        )
     except (ValueError, KeyError, TypeError, zlib.error):
         return None

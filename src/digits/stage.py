@@ -27,8 +27,9 @@ STAGES: dict[str, str] = {
 
 
 def run_stage(name: str, params_file: str = "params.yaml") -> int:
-    """Run stage `name`; return the exit status (0, or 1 after a one-line error)."""
-    numerics.pin()  # before anything imports torch
+    """Run stage `name`; return the exit status (0, 1 after a one-line error, 130 when
+    interrupted)."""
+    numerics.pin()  # before anything imports numpy or torch
     from digits.config import load_params
 
     try:
@@ -38,6 +39,9 @@ def run_stage(name: str, params_file: str = "params.yaml") -> int:
     except DigitsError as e:
         print(f"digits {name}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl+C, or SIGTERM (digits.tracking.Terminated)
+        print(f"digits {name}: stopped ({e or 'interrupted'})", file=sys.stderr)
+        return 130
     return 0
 
 
