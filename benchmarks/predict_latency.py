@@ -1,44 +1,43 @@
-"""Using the champion: how long one image takes, and how many images per second a batch gets.
+"""Using the champion: how fast `digits predict` starts, how long one picture takes, and how much
+load the page's endpoint holds, for a photo of one digit and one of a 4-digit number.
 
-  1. `digits predict`, model loaded: one user's picture (a PNG file of an MNIST test digit made
-     to look like a photo: dark ink on paper, off-centre, 2-6x larger, RGB) read from disk,
-     preprocessed and predicted in this process; the preprocessing and the model also alone.
-  2. the page's endpoint: the same pictures POSTed one after another to `digits app`'s
-     /predict on 127.0.0.1 (one kept-alive connection, as a browser does).
-  3. pyfunc batch throughput: `model.predict` on 10,000 images at once, in images/s.
-  4. for reference, one `digits predict IMAGE` process from start to end (imports and model
-     loading included).
+  1. one `digits predict PHOTO` process from start to end: the first ever (the model fetched
+     from the store through MLflow) and a later one (digits.model_cache: no MLflow import);
+  2. in this process, the model loaded: reading, cutting and predicting one picture;
+  3. `digits app` on 127.0.0.1 under load: C clients at once (threads, kept-alive connections),
+     each POSTing JPEG photos to /predict: requests/s, p50 and p99 latency, errors; and bad
+     bodies sent among them, which must get a 4xx while the rest is served.
 
-p50 and p99 over --requests images (default 300). The model is --model (default
-models:/mnist-mlp@champion) in the configured store (MLFLOW_TRACKING_URI, else mlflow.db at the
-repository root: run `dvc repro` first).
+The pictures are MNIST test digits made to look like photos (digits.strips). The model is
+--model (default: the champion) in the configured store (MLFLOW_TRACKING_URI, else mlflow.db at
+the repository root: run `dvc repro` first).
 
     python benchmarks/predict_latency.py
-    MLFLOW_TRACKING_URI=sqlite:////path/to/mlflow.db python benchmarks/predict_latency.py"""
+    python benchmarks/predict_latency.py --requests 2000 --clients 1 8 32"""
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from digits import numerics
 
-numerics.pin()  # before anything imports torch (the model's load does)
+numerics.pin()  # before numpy loads
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from digits.data import read_pair  # noqa: E402
-from digits.imaging import preprocess, read_image  # noqa: E402
-from digits.predict import champion_uri, load_model, probabilities  # noqa: E402
+from digits.imaging import read_image  # noqa: E402
+from digits.predict import champion_uri, load_model, read_all  # noqa: E402
+from digits.strips import strip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(Path(sys.executable).parent / "digits")
@@ -51,47 +50,30 @@ def find_mnist() -> Path:
     sys.exit("benchmark: no MNIST test files (run `dvc repro`, or set MNIST_DIR)")
 
 
-def photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
-    """An MNIST digit as a user's PNG: dark ink on off-white paper, larger, off-centre, RGB."""
-    side = round(28 * rng.uniform(2, 6))
-    ink = Image.fromarray(255 - digit.reshape(28, 28)).resize(
-        (side, side), Image.Resampling.BICUBIC
+def ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.array(seconds) * 1000, q))
+
+
+def cold(model: str, picture: Path, cache: Path) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [DIGITS, "predict", "--model", model, str(picture)],
+        capture_output=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
     )
-    page = Image.new("L", (2 * side, 2 * side), 255)
-    page.paste(ink, (int(rng.integers(0, side)), int(rng.integers(0, side))))
-    rgb = Image.merge("RGB", [page.point(lambda v, k=k: 20 + v * k) for k in (0.88, 0.82, 0.54)])
-    buf = io.BytesIO()
-    rgb.save(buf, "PNG")
-    return buf.getvalue()
+    took = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr.decode()
+    return took
 
 
-def percentiles(seconds: list[float]) -> str:
-    ms = np.array(seconds) * 1000
-    return f"{np.percentile(ms, 50):7.2f} | {np.percentile(ms, 99):7.2f}"
-
-
-def in_process(model, files: list[Path]) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"end to end": [], "read + preprocess": [], "model": []}
-    for f in files:
-        t0 = time.perf_counter()
-        x = preprocess(read_image(f), str(f))
-        t1 = time.perf_counter()
-        probabilities(model, x[None])
-        t2 = time.perf_counter()
-        times["end to end"].append(t2 - t0)
-        times["read + preprocess"].append(t1 - t0)
-        times["model"].append(t2 - t1)
-    return times
-
-
-def start_app(model_uri: str, log: Path) -> tuple[subprocess.Popen, int]:
+def start_app(model: str, log: Path, workers: int | None) -> tuple[subprocess.Popen, int]:
+    cmd = [DIGITS, "app", "--port", "0", "--model", model]
+    cmd += ["--workers", str(workers)] if workers else []
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [DIGITS, "app", "--port", "0", "--model", model_uri], stdout=out, stderr=out
-        )
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out)
     for _ in range(1200):
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", log.read_text())
-        if m:
+        if m and "ready" in log.read_text():
             return proc, int(m.group(1))
         if proc.poll() is not None:
             break
@@ -100,79 +82,112 @@ def start_app(model_uri: str, log: Path) -> tuple[subprocess.Popen, int]:
     sys.exit(f"benchmark: digits app did not start:\n{log.read_text()}")
 
 
-def endpoint(port: int, bodies: list[bytes]) -> list[float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    times = []
-    for body in [bodies[0], *bodies]:  # the first one warms the connection and the server
-        t0 = time.perf_counter()
-        conn.request("POST", "/predict", body, {"Content-Type": "image/png"})
-        response = conn.getresponse()
-        response.read()
-        times.append(time.perf_counter() - t0)
-        assert response.status == 200, response.status
-    conn.close()
-    return times[1:]
+def load(port: int, bodies: list[bytes], clients: int, total: int, bad_every: int = 0) -> dict:
+    """`clients` threads POST `total` requests in all; every `bad_every`-th is a bad body."""
+    times: list[float] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
 
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            bad = bad_every and i % bad_every == bad_every - 1
+            body = b"not an image at all" if bad else bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            conn.request("POST", "/predict", body, {"Content-Type": "image/jpeg"})
+            response = conn.getresponse()
+            response.read()
+            took = time.perf_counter() - t0
+            with lock:
+                statuses.append(response.status)
+                if not bad:
+                    times.append(took)
+        conn.close()
 
-def batch_throughput(model, x: np.ndarray, repeats: int = 5) -> float:
-    probabilities(model, x[:10])  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        probabilities(model, x)
-        best = min(best, time.perf_counter() - t0)
-    return len(x) / best
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    good = sum(s == 200 for s in statuses)
+    return {
+        "rate": len(statuses) / wall,
+        "p50": ms(times, 50),
+        "p99": ms(times, 99),
+        "ok": good,
+        "4xx": sum(400 <= s < 500 for s in statuses),
+        "other": sum(not (s == 200 or 400 <= s < 500) for s in statuses),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=champion_uri())
-    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--model", default=None, help="default: the champion")
+    ap.add_argument("--requests", type=int, default=1500, help="per load test (default 1500)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--workers", type=int, default=None, help="digits app --workers")
     args = ap.parse_args()
+    model_uri = args.model or champion_uri()
 
     x, _ = read_pair(find_mnist(), "t10k")
     rng = np.random.default_rng(0)
-    bodies = [photo(v, rng) for v in x[: args.requests]]
+    one = [strip(x[i : i + 1], rng, "JPEG") for i in range(200)]
+    four = [strip(x[4 * i : 4 * i + 4], rng, "JPEG") for i in range(200)]
     with tempfile.TemporaryDirectory() as tmp:
-        files = []
-        for i, body in enumerate(bodies):
-            files.append(Path(tmp) / f"{i}.png")
-            files[-1].write_bytes(body)
-        t0 = time.perf_counter()
-        model = load_model(args.model)
-        load_s = time.perf_counter() - t0
-        in_process(model, files[:20])  # warm up
-        local = in_process(model, files)
-        proc, port = start_app(args.model, Path(tmp) / "app.log")
+        tmp = Path(tmp)
+        (tmp / "one.jpg").write_bytes(one[0])
+        (tmp / "four.jpg").write_bytes(four[0])
+        first = cold(model_uri, tmp / "one.jpg", tmp / "cache")
+        again = [cold(model_uri, tmp / "one.jpg", tmp / "cache") for _ in range(3)]
+        again4 = [cold(model_uri, tmp / "four.jpg", tmp / "cache") for _ in range(3)]
+
+        model = load_model(model_uri)
+        local = {}
+        for name, bodies in (("one digit", one), ("4 digits", four)):
+            read_all(model, [(read_image(bodies[0]), "warm")])
+            seconds = []
+            for b in bodies:
+                t0 = time.perf_counter()
+                read_all(model, [(read_image(b), "b")])
+                seconds.append(time.perf_counter() - t0)
+            local[name] = seconds
+
+        proc, port = start_app(model_uri, tmp / "app.log", args.workers)
         try:
-            page = endpoint(port, bodies)
+            rows = []
+            for clients in args.clients:
+                rows.append(("one digit", clients, load(port, one, clients, args.requests)))
+            rows.append(("4 digits", 8, load(port, four, 8, args.requests)))
+            rows.append(("one digit, 1 in 10 bad", 8, load(port, one, 8, args.requests, 10)))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        t0 = time.perf_counter()
-        cli = subprocess.run(
-            [DIGITS, "predict", "--model", args.model, str(files[0])], capture_output=True
-        )
-        cold_s = time.perf_counter() - t0
-        assert cli.returncode == 0, cli.stderr.decode()
-    batch = x.astype(np.float32) / 255
-    rate = batch_throughput(model, batch)
 
-    import torch
-
-    sizes = [Image.open(io.BytesIO(b)).size[0] for b in bodies]
-    load = os.getloadavg()[0]
+    print(f"\nmodel {model_uri}; load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores\n")
     print(
-        f"\n{len(files)} PNG pictures, {min(sizes)}-{max(sizes)} px square; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; model loaded in {load_s:.1f} s; "
-        f"load average {load:.1f}\n"
+        f"`digits predict one.jpg`, one process: first ever {first:.2f} s (fetched through "
+        f"MLflow); then {min(again):.2f}-{max(again):.2f} s (cached); a 4-digit photo "
+        f"{min(again4):.2f}-{max(again4):.2f} s"
     )
-    print("| one image | p50 ms | p99 ms |\n| --- | ---: | ---: |")
+    print("\n| in this process, model loaded | p50 ms | p99 ms |\n| --- | ---: | ---: |")
     for name, seconds in local.items():
-        print(f"| `digits predict`, model loaded: {name} | {percentiles(seconds)} |")
-    print(f"| page endpoint `POST /predict` on 127.0.0.1 | {percentiles(page)} |")
-    print(f"\npyfunc batch of {len(batch):,}: {rate:,.0f} images/s")
-    print(f"one `digits predict IMAGE` process, start to end: {cold_s:.1f} s")
+        print(f"| read, cut and predict: {name} | {ms(seconds, 50):.2f} | {ms(seconds, 99):.2f} |")
+    print(
+        "\n| `POST /predict` | clients | requests/s | p50 ms | p99 ms | 200 | 4xx | other |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for name, clients, r in rows:
+        print(
+            f"| {name} | {clients} | {r['rate']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+            f"{r['ok']} | {r['4xx']} | {r['other']} |"
+        )
 
 
 if __name__ == "__main__":

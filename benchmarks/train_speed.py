@@ -125,14 +125,17 @@ def gemm_rates(sizes: list[int], batch: int, seconds: float = 1.5) -> dict[str, 
 
 
 def time_trainer(params, x, y, epochs: int, repeats: int) -> list[float]:
-    """samples/s of `repeats` timings of `epochs` epochs each, after one untimed warm-up epoch."""
-    from digits.train import train
+    """samples/s (digits seen per second) of `repeats` timings of `epochs` epochs each, after
+    one untimed warm-up epoch; with outlier exposure on, its non-digits ride along."""
+    from digits.train import outlier_pool, train
+
+    pool = outlier_pool(params.train, x) if params.train.outliers.enabled else None
 
     def run(n: int) -> float:
         p = params.train.model_copy(update={"epochs": n})
         t0 = time.perf_counter()
         # validation on a slice: the epoch-end pass the trainer always makes, at its real cost
-        train(p, x, y, x[:5000], y[:5000], progress=False)
+        train(p, (x, y, x[:5000], y[:5000]), outliers=pool, progress=False)
         return n * len(x) / (time.perf_counter() - t0)
 
     run(1)
@@ -203,18 +206,22 @@ def profile(params, x, y) -> None:
 
     p = params.train.model_copy(update={"epochs": 1})
     n = 30 * p.batch_size
-    train(p, x[:n], y[:n], x[:1000], y[:1000], progress=False)  # warm
+    from digits.train import outlier_pool
+
+    pool = outlier_pool(p, x) if p.outliers.enabled else None
+    train(p, (x[:n], y[:n], x[:1000], y[:1000]), outliers=pool, progress=False)  # warm
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        train(p, x[:n], y[:n], x[:1000], y[:1000], progress=False)
+        train(p, (x[:n], y[:n], x[:1000], y[:1000]), outliers=pool, progress=False)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def child(args) -> None:
-    from digits import numerics, tracking
+    from digits import numerics
 
-    numerics.pin()
+    numerics.pin()  # before numpy and torch load
     import torch
 
+    from digits import tracking
     from digits.config import load_params
     from digits.data import read_pair
 

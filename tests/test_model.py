@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from digits.config import TrainParams
-from digits.inference import Classifier, softmax
+from digits.inference import Classifier, read_model_file, softmax
 from digits.model import (
     ModelError,
     PortableLinear,
@@ -115,9 +115,8 @@ def test_save_load_roundtrip(tmp_path):
     save_model(model, path, (32, 16), 0.25)
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp left
     with safe_open(str(path), "pt") as f:
-        assert json.loads(f.metadata()["architecture"]) == {
-            "hidden_sizes": [32, 16],
-            "dropout": 0.25,
+        assert json.loads(f.metadata()["digits"]) == {
+            "architecture": {"hidden_sizes": [32, 16], "dropout": 0.25}
         }
     loaded = load_model(path)
     assert not loaded.training  # eval mode: dropout off
@@ -195,3 +194,36 @@ def test_bad_model_file_is_a_clear_value_error(tmp_path, plant):
 def test_missing_model_file(tmp_path):
     with pytest.raises(ModelError, match="model file not found"):
         load_model(tmp_path / "nope.safetensors")
+
+
+SAVE_IN_A_PROCESS = """
+import sys, torch
+from digits.model import build_mlp, save_model
+torch.manual_seed(0)
+cal = {"score": "max_probability", "temperature": 0.5, "threshold": 0.6}
+save_model(build_mlp((8,)), sys.argv[1], (8,), 0.0, cal)
+"""
+
+
+def test_the_same_model_is_the_same_file_in_every_process(tmp_path):
+    """safetensors writes its metadata map in a per-process random order: a header of two keys
+    made two files of one model, one run in two (and DVC reran every stage after train)."""
+    import subprocess
+    import sys
+
+    files = [tmp_path / f"{i}.safetensors" for i in range(8)]  # two keys: 1 in 128 all alike
+    for f in files:
+        subprocess.run([sys.executable, "-c", SAVE_IN_A_PROCESS, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    m = read_model_file(files[0])
+    assert (m.temperature, m.threshold) == (0.5, 0.6)
+
+
+def test_a_file_of_an_earlier_release_still_loads(tmp_path):
+    """Registered versions written before the header held the calibration: architecture only."""
+    model = build_mlp((16,))
+    path = tmp_path / "old.safetensors"
+    meta = {"architecture": json.dumps({"hidden_sizes": [16], "dropout": 0.0})}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    m = read_model_file(path)
+    assert m.hidden_sizes == (16,) and (m.temperature, m.threshold) == (1.0, 0.0)

@@ -12,11 +12,27 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import dvc, git, make_project, project_env, registered, set_params
+from helpers import (
+    SHORT_RUN_GATES,
+    dvc,
+    git,
+    make_project,
+    project_env,
+    registered,
+    served_probabilities,
+    set_params,
+)
 from test_stage_deps import declared_code_deps
 
 pytestmark = pytest.mark.slow
-FIGURES = ("training_curves", "confusion_matrix", "misclassified", "robustness")
+FIGURES = (
+    "training_curves",
+    "confusion_matrix",
+    "misclassified",
+    "robustness",
+    "reliability",
+    "ood",
+)
 EPOCHS = 3  # enough to learn MNIST well past chance; the default run is CI's own step
 
 
@@ -31,6 +47,7 @@ def repro(tmp_path_factory, mnist_http):
             "gates.min_accuracy": 0.95,
             "gates.min_class_recall": 0.9,
             "gates.max_loss": 0.5,
+            **SHORT_RUN_GATES,
         },
     )
     git(project, "commit", "-qam", "short run")
@@ -162,12 +179,14 @@ def test_mlflow_run_and_registered_model(repro):
     model = mlflow.pyfunc.load_model(f"models:/mnist-mlp/{info['version']}")
     with np.load(project / "data/processed/test.npz") as f:
         x, y = f["test_x"].astype(np.float32) / 255, f["test_y"]
-    probs = model.predict(x)
+    table = model.predict(x)
+    probs = served_probabilities(table)
     assert probs.shape == (10000, 10)
+    np.testing.assert_array_equal(table["guess"].to_numpy(), probs.argmax(1))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)  # probabilities, not logits
     assert (probs.argmax(1) == y).mean() == pytest.approx(metrics["accuracy"], abs=1e-9)
     for n in (1, 3, 257):  # any batch size, not just the example's
-        assert model.predict(x[:n]).shape == (n, 10)
+        assert served_probabilities(model.predict(x[:n])).shape == (n, 10)
 
     # the score the evaluate stage recorded for the gate is what the registered model gives:
     # the same right/wrong bit on every image, the same metrics
@@ -178,7 +197,9 @@ def test_mlflow_run_and_registered_model(repro):
     record = json.loads(version.tags[CACHE_TAG])
     assert record["by"] == "evaluate"
     np.testing.assert_array_equal(decode_correct(record["correct"], len(y)), probs.argmax(1) == y)
-    assert record["metrics"] == compute_metrics(probs, y)
+    headline = {k: v for k, v in record["metrics"].items() if k not in ("calibration", "ood")}
+    assert headline == compute_metrics(probs, y)
+    assert record["metrics"]["calibration"] == metrics["calibration"]
     assert record["robustness"] == metrics["robustness"]
     assert "scored by the evaluate stage" in (project / "reports/gate.md").read_text()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import zlib
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 
 from digits.data import read_pair
 from digits.imaging import MAX_BYTES, ImageError, preprocess, read_image
-from helpers import mnist_dir, photo_like, run
+from helpers import glyph_image, mnist_dir, photo_like, run
 
 DIGITS = str(Path(sys.executable).parent / "digits")  # the installed command
 
@@ -155,15 +156,41 @@ def test_predict_reports_each_file_and_goes_on_after_bad_ones(champion, mnist_te
     files = [good[0], "missing.png", good[1], "notes.png", "blank.png", good[2]]
 
     code, out, err = predict_cli(files, tmp_path, champion["env"])
-    assert code == 1
-    assert [line.split(":")[0] for line in out] == good
-    for line, label in zip(out, y[:3], strict=True):
+    assert code == 1  # two files could not be read
+    assert [line.split(":")[0] for line in out] == [good[0], good[1], "blank.png", good[2]]
+    assert out[2] == "blank.png: not a digit (no ink)"  # an answer, not an error
+    for line, label in zip([out[0], out[1], out[3]], y[:3], strict=True):
         digit, prob = line.split(": ")[1].split(" ")
         assert int(digit) == label
         assert 10 <= float(prob.strip("(%)")) <= 100
-    assert len(err) == 3, err
-    for bad, line in zip(["missing.png", "notes.png", "blank.png"], err, strict=True):
+    assert len(err) == 2, err
+    for bad, line in zip(["missing.png", "notes.png"], err, strict=True):
         assert line.startswith(f"digits predict: error: {bad}: ")
+
+
+@pytest.mark.slow
+def test_a_letter_is_not_a_digit_and_a_digit_is(champion, mnist_test, tmp_path):
+    """The champion refuses what holds no digit, in words and in JSON, with its best guess."""
+    x, y = mnist_test
+    (tmp_path / "letter.png").write_bytes(glyph_image("K"))
+    (tmp_path / "digit.png").write_bytes(photo_like(x[0], np.random.default_rng(5)))
+    Image.new("L", (64, 64), 255).save(tmp_path / "blank.png")
+    code, out, err = predict_cli(["letter.png", "digit.png"], tmp_path, champion["env"])
+    assert code == 0 and err == []
+    assert re.fullmatch(r"letter\.png: not a digit \(best guess \d, \d{1,2}%\)", out[0]), out
+    assert out[1].startswith(f"digit.png: {y[0]} (")
+    code, out, _ = predict_cli(["--json", "letter.png", "digit.png", "blank.png"], tmp_path,
+                               champion["env"])  # fmt: skip
+    letter, digit, blank = (json.loads(line) for line in out)
+    assert letter["digit"] is None and 0 <= letter["guess"] <= 9
+    assert letter["confidence"] < champion["classifier"].threshold
+    assert letter["confidence"] == max(letter["probabilities"])
+    assert digit["digit"] == digit["guess"] == y[0]
+    assert digit["confidence"] >= champion["classifier"].threshold
+    assert blank == {
+        **{"file": "blank.png", "digit": None, "guess": None, "confidence": 0.0},
+        **{"probabilities": None, "number": None, "reading": "", "digits": []},
+    }
 
 
 @pytest.mark.slow
@@ -182,17 +209,22 @@ def test_photo_like_digits_are_read_as_well_as_clean_ones(champion, mnist_test, 
     assert code == 0 and err == []
     rows = [json.loads(line) for line in out]
     assert [r["file"] for r in rows] == names  # one object per image, in order
+    whole = [r for r in rows if len(r["digits"]) == 1]
+    assert len(whole) >= 0.995 * len(rows)  # a photo of one digit is one digit (a rare stray
+    rows = whole  # stroke of MNIST's own makes two: tests/test_segment.py)
     for r in rows:
         assert len(r["probabilities"]) == 10
         assert sum(r["probabilities"]) == pytest.approx(1, abs=1e-4)
-        assert r["digit"] == int(np.argmax(r["probabilities"]))
-    digits = {r["file"]: r["digit"] for r in rows}
+        assert r["guess"] == int(np.argmax(r["probabilities"]))
+        assert r["digit"] in (r["guess"], None)
+    digits = {r["file"]: r["guess"] for r in rows}  # refused or not: its reading
+    assert all(r["number"] in (str(r["guess"]), None) for r in rows)
 
-    clean = champion["pyfunc"].predict(x[:n].astype(np.float32) / 255).argmax(1)
+    clean = champion["classifier"].probabilities(x[:n].astype(np.float32) / 255).argmax(1)
     clean_acc = (clean == y[:n]).mean()
     assert clean_acc > 0.95  # a real model, so the comparison means something
     for ext in ("png", "jpg"):
-        got = np.array([digits[f"{i:04d}.{ext}"] for i in range(n)])
+        got = np.array([digits.get(f"{i:04d}.{ext}", -1) for i in range(n)])
         acc = (got == y[:n]).mean()
         assert acc >= clean_acc - 0.01, f"{ext}: {acc:.3f} vs clean {clean_acc:.3f}"
 

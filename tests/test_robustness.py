@@ -202,7 +202,7 @@ def test_the_gate_scores_a_registered_versions_corruptions(tmp_path):
     from digits.data import save_arrays
     from digits.gate import Scorer
     from digits.policy import checks, worst_corruption
-    from helpers import register_champion
+    from helpers import register_champion, served_probabilities
 
     d = mnist_dir()
     x = read_idx(d / "t10k-images-idx3-ubyte.gz", "images")[:1000]
@@ -213,7 +213,7 @@ def test_the_gate_scores_a_registered_versions_corruptions(tmp_path):
     mlflow.set_tracking_uri(reg["tracking_uri"])
     try:
         client = mlflow.MlflowClient()
-        score = Scorer(client, "mnist-mlp", tmp_path / "test.npz", "sha", True).score(
+        score = Scorer(client, "mnist-mlp", tmp_path / "test.npz", "sha", robustness=True).score(
             reg["version"]
         )
     finally:
@@ -227,7 +227,9 @@ def test_the_gate_scores_a_registered_versions_corruptions(tmp_path):
     assert strict[-1].value == loose[-1].value == result["worst"]
     assert not strict[-1].passed and loose[-1].passed
     assert worst_corruption(result)[0] in strict[-1].metric
-    direct = corruption_accuracies(reg["pyfunc"].predict, x.astype(np.float32) / 255, y)
+    direct = corruption_accuracies(
+        lambda im: served_probabilities(reg["pyfunc"].predict(im)), x.astype(np.float32) / 255, y
+    )
     assert result == direct  # what users load scores the same
     name, acc = worst_corruption(result)
     assert acc == result["worst"] == min(result["corruptions"].values())

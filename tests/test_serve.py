@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from digits.data import read_pair
-from helpers import ROOT, mnist_dir, require_executable
+from helpers import ROOT, glyph_image, mnist_dir, require_executable, served_probabilities
+
+PROBS = [f"p{d}" for d in range(10)]
 
 pytestmark = pytest.mark.slow  # starts a real server (tens of seconds)
 
@@ -88,10 +90,31 @@ def test_a_batch_gets_the_probabilities_of_pyfunc_in_process(served, champion):
     batch = x[:64].astype(np.float32) / 255
     status, answer = post(served + "/invocations", json.dumps({"inputs": batch.tolist()}).encode())
     assert status == 200, answer
-    got = np.array(answer["predictions"])
-    assert got.shape == (64, 10)
-    np.testing.assert_allclose(got, champion["pyfunc"].predict(batch), atol=1e-6)
-    assert (got.argmax(1) == y[:64]).mean() > 0.9
+    rows = answer["predictions"]
+    assert len(rows) == 64 and set(rows[0]) == {"digit", "guess", "confidence", *PROBS}
+    got = np.array([[r[p] for p in PROBS] for r in rows])
+    np.testing.assert_allclose(
+        got, served_probabilities(champion["pyfunc"].predict(batch)), atol=1e-6
+    )
+    np.testing.assert_allclose(got, champion["classifier"].probabilities(batch), atol=1e-6)
+    assert (np.array([r["guess"] for r in rows]) == y[:64]).mean() > 0.9
+
+
+def test_the_served_model_says_not_a_digit(served, champion):
+    """A letter (in a font training never saw) and a blank image: `digit` is null; a digit
+    keeps its digit. The same answers as digits.inference gives in this process."""
+    from digits.imaging import preprocess, read_image
+
+    x, y = read_pair(mnist_dir(), "t10k")
+    letter = preprocess(read_image(glyph_image("K"), "letter"))
+    batch = np.stack([letter, np.zeros(784, np.float32), x[0].astype(np.float32) / 255])
+    status, answer = post(served + "/invocations", json.dumps({"inputs": batch.tolist()}).encode())
+    assert status == 200, answer
+    rows = answer["predictions"]
+    assert rows[0]["digit"] is None and rows[1]["digit"] is None
+    assert rows[2]["digit"] == y[0]
+    said = champion["classifier"].answers(batch)
+    assert [r["guess"] for r in rows] == said.guess.tolist()
 
 
 @pytest.mark.parametrize(
@@ -109,4 +132,4 @@ def test_a_malformed_body_gets_a_4xx_and_the_server_keeps_serving(served, body, 
     assert 400 <= status < 500, answer
     assert says in answer.get("message", "")
     ok, answer = post(served + "/invocations", json.dumps({"inputs": [[0.0] * 784]}).encode())
-    assert ok == 200 and len(answer["predictions"][0]) == 10
+    assert ok == 200 and answer["predictions"][0]["digit"] is None  # a blank image

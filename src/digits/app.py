@@ -11,20 +11,22 @@ Only the `digits app` handler imports this module; mlflow and torch load with th
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 from importlib.resources import files
 
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from digits.errors import DigitsError
-from digits.imaging import MAX_BYTES, ImageError, preprocess, read_image
+from digits.imaging import MAX_BYTES, ImageError, read_image
 from digits.mnist import COLS, ROWS
-from digits.predict import champion_uri, load_model, probabilities
+from digits.predict import champion_uri, load_model, read_all, reading_record
 
 STATIC = files("digits") / "static"
 # Past MAX_BYTES a body is read and dropped (not kept) so the client can finish sending and
@@ -50,7 +52,10 @@ async def read_body(request: Request) -> bytes:
 
 
 def create_app(model, model_uri: str) -> FastAPI:
-    """The app around an already loaded pyfunc `model` (loading takes seconds: do it once)."""
+    """The app around an already loaded `model` (digits.predict.load_model: do it once)."""
+    from digits import blas
+
+    blas.use_threads(1)  # one request at a time per process: its products on one thread
     app = FastAPI(title="digits", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     page = (STATIC / "index.html").read_text(encoding="utf-8")
@@ -64,16 +69,18 @@ def create_app(model, model_uri: str) -> FastAPI:
         return {"status": "ok", "model": model_uri}
 
     def answer(body: bytes, name: str) -> dict:
-        x = preprocess(read_image(body, name), name)
-        p = probabilities(model, x[None])[0]
-        return {
-            "digit": int(np.argmax(p)),
-            "probabilities": [round(float(v), 6) for v in p],
-            "image": np.round(x.reshape(ROWS, COLS), 3).tolist(),  # what the model saw
-        }
+        """The model's answer, as `digits predict --json` gives it (a digit, or a number and
+        its pieces with their boxes), and what the model saw of each piece."""
+        (reading,) = read_all(model, [(read_image(body, name), name)])
+        record = reading_record(name, reading)
+        del record["file"]
+        seen = [np.round(p.image.reshape(ROWS, COLS), 3).tolist() for p in reading.pieces]
+        record["images"] = seen  # what the model saw, piece by piece
+        record["image"] = seen[0] if seen else np.zeros((ROWS, COLS)).tolist()
+        return record
 
     @app.post("/predict")
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request)  # read even when refused: the client gets the answer
         if not kind.startswith("image/"):
@@ -85,10 +92,11 @@ def create_app(model, model_uri: str) -> FastAPI:
         if not body:
             raise HTTPException(400, "empty body: expected the image's bytes")
         try:
-            return await run_in_threadpool(answer, body, "the upload")
+            record = await run_in_threadpool(answer, body, "the upload")
         except ImageError as e:
-            status = 422 if "no ink" in str(e) else 400
-            raise HTTPException(status, str(e)) from None
+            raise HTTPException(400, str(e)) from None
+        # serialised here, in C: FastAPI's encoder walks every number of the images in Python
+        return Response(json.dumps(record), media_type="application/json")
 
     return app
 
@@ -113,14 +121,37 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+MODEL_ENV = "DIGITS_APP_MODEL"  # the model URI, handed to the worker processes
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (uvicorn imports this by name in each): its own copy of
+    the model, from digits.model_cache (the parent has just fetched it)."""
+    uri = os.environ[MODEL_ENV]
+    return create_app(load_model(uri), uri)
+
+
 def main(args) -> int:
-    """The `digits app` handler: load the model, then serve until Ctrl+C."""
+    """The `digits app` handler: load the model, then serve until Ctrl+C, in `--workers`
+    processes sharing the socket (each request is read and answered by one of them; Python
+    runs one request's preprocessing at a time per process)."""
     sock = listen(args.host, args.port)  # first: a taken port fails before seconds of loading
     uri = args.model or champion_uri()
-    model = load_model(uri)
+    model = load_model(uri)  # here first: a bad URI fails once, with one line
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    workers = args.workers or min(os.cpu_count() or 1, 4)
     print(f"digits app: {uri} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
-    config = uvicorn.Config(create_app(model, uri), log_level="warning")
-    uvicorn.Server(config).run(sockets=[sock])
+    print(f"digits app: ready, {workers} worker(s)", flush=True)
+    if workers == 1:
+        config = uvicorn.Config(create_app(model, uri), log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
+        return 0
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[MODEL_ENV] = uri
+    config = uvicorn.Config(
+        "digits.app:worker_app", factory=True, workers=workers, log_level="warning"
+    )
+    Multiprocess(config, sockets=[sock]).run()
     return 0

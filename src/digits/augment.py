@@ -68,7 +68,13 @@ class BatchWarp:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p
-        img = self.warp(x.view(-1, 1, ROWS, COLS))  # a new tensor: the changes below are in place
+        img = x.view(-1, 1, ROWS, COLS)
+        if p.warp_share >= 1:
+            img = self.warp(img)  # a new tensor: the changes below are in place
+        else:  # the warp is most of the cost: a share of the batch, a slice at a random offset
+            img = img.clone()
+            part = self._slice(img, p.warp_share)
+            part.copy_(self.warp(part))
         if p.strokes:
             self.strokes(self._slice(img))
         if p.erase:
@@ -86,9 +92,10 @@ class BatchWarp:
             part.add_(std * torch.randn_like(part)).clamp_(0.0, 1.0)
         return img.reshape(len(x), -1)
 
-    def _slice(self, img: torch.Tensor) -> torch.Tensor:
-        """`photometric_prob` of the batch: a view, at an offset drawn on the CPU (no sync)."""
-        k = round(self.p.photometric_prob * len(img))
+    def _slice(self, img: torch.Tensor, share: float | None = None) -> torch.Tensor:
+        """`share` (default `photometric_prob`) of the batch: a view, at an offset drawn on the
+        CPU (no sync)."""
+        k = round((self.p.photometric_prob if share is None else share) * len(img))
         start = int(torch.randint(len(img) - k + 1, ()))
         return img[start : start + k]
 
@@ -108,11 +115,11 @@ class BatchWarp:
         # coefficients, so the whole grid is one matrix product with a fixed basis (x, y, 1,
         # then the upsampled control points): affine_grid and interpolate are each as slow
         # as a training step on 1-channel 28x28 batches.
-        coef = [
+        rows = [
             torch.cat([cos, cos * shear - sin, shift[:, :1]], 1),  # source x
             torch.cat([sin, sin * shear + cos, shift[:, 1:]], 1),  # source y
         ]
-        coef = torch.stack(coef, 1)  # (B, 2, 3)
+        coef = torch.stack(rows, 1)  # (B, 2, 3)
         if p.warp_elastic > 0:
             g = p.warp_grid
             field = torch.randn(n, 2, g * g, device=dev) * (p.warp_elastic * 2 / ROWS)

@@ -47,6 +47,17 @@ def pin_threads() -> None:
     _threads_pinned = True
 
 
+def use_threads(threads: int) -> None:
+    """OpenBLAS on `threads` threads from now on, whatever the pins say: for a server whose
+    processes each answer one request at a time (digits.app), where two threads per process
+    spin against each other for the cores and gain nothing on one picture's products."""
+    global _threads_pinned
+    from threadpoolctl import ThreadpoolController
+
+    ThreadpoolController().select(internal_api="openblas").limit(limits=threads)
+    _threads_pinned = True  # and pin_threads leaves it so
+
+
 def _blasable(a: np.ndarray) -> np.ndarray:
     """float32, and laid out so that numpy hands it to OpenBLAS (C- or Fortran-contiguous):
     numpy multiplies any other layout with its own loop, which is neither fast nor pinned."""

@@ -42,6 +42,7 @@ class AugmentParams(_Strict):
     shear: float = Field(0.0, ge=0, le=45)  # degrees, both methods; 0 = none
     warp_elastic: float = Field(0.0, ge=0, le=5)  # std of the field's displacement, in pixels
     warp_grid: int = Field(4, ge=2, le=28)  # control points per side of the elastic field
+    warp_share: float = Field(1.0, gt=0, le=1)  # share of each batch warped (the costly part)
     photometric_prob: float = Field(0.5, ge=0, le=1)  # chance of each change below, per image
     noise_std: float = Field(0.0, ge=0, le=1)  # Gaussian noise, std ~ U(0, noise_std)
     contrast: float = Field(0.0, ge=0, lt=1)  # ink scaled by U(1 - contrast, 1)
@@ -57,6 +58,16 @@ class AugmentParams(_Strict):
         return v
 
 
+class OutlierParams(_Strict):
+    """Outlier exposure (digits.outliers): generated non-digits in every batch, taught to give
+    every digit the same probability, so that the network says "not a digit" for them."""
+
+    enabled: bool = False
+    share: float = Field(0.25, gt=0, le=1)  # outliers per batch, as a share of the batch size
+    weight: float = Field(0.5, gt=0, le=10)  # weight of their loss (cross-entropy to uniform)
+    per_kind: int = Field(400, ge=1, le=20000)  # the pool: images of each kind, warped anew
+
+
 class TrainParams(_Strict):
     hidden_sizes: tuple[int, ...] = Field((256, 128, 64, 32), min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -70,6 +81,10 @@ class TrainParams(_Strict):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: AugmentParams = AugmentParams()
+    outliers: OutlierParams = OutlierParams()
+    # the refusal threshold: the calibrated probability below which this share of the
+    # validation digits falls; a test image whose best digit scores below it is "not a digit"
+    refuse_val_share: float = Field(0.01, ge=0, lt=0.5)
 
     @field_validator("hidden_sizes")
     @classmethod
@@ -89,6 +104,7 @@ class TrainParams(_Strict):
 class EvaluateParams(_Strict):
     batch_size: int = Field(10000, ge=1)
     misclassified_shown: int = Field(36, ge=0, le=400)
+    outliers_per_kind: int = Field(500, ge=10, le=20000)  # the suite's size (digits.outliers)
 
 
 class MlflowParams(_Strict):
@@ -103,6 +119,11 @@ class GateParams(_Strict):
     max_accuracy_drop: float = Field(0.002, ge=0, le=1)
     # worst accuracy over digits.robustness' corrupted test sets; 0 = off (costs nothing)
     min_corruption_accuracy: float = Field(0.0, ge=0, le=1)
+    max_ece: float = Field(1.0, gt=0, le=1)  # expected calibration error on test; 1 = off
+    # the outlier suite (digits.outliers): outliers accepted at 95% of test digits (FPR95),
+    # and the share of test digits the model's threshold refuses; 1 = off
+    max_ood_fpr95: float = Field(1.0, gt=0, le=1)
+    max_refused_digits: float = Field(1.0, gt=0, le=1)
     alpha: float = Field(0.05, gt=0, lt=1)  # McNemar's one-sided test vs the champion
     # Only a clean pipeline run of this branch moves @champion, and the gate judges by the gates
     # committed on it. Read from HEAD's committed params.yaml, so `-S` cannot redirect it.
@@ -117,7 +138,7 @@ class Params(_Strict):
     gates: GateParams = GateParams()
 
 
-def _describe(err: dict) -> str:
+def _describe(err) -> str:  # pydantic's ErrorDetails
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"

@@ -10,6 +10,7 @@ import hashlib
 import json
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from digits.files import atomic_path, write_text
 from digits.mnist import COLS, NUM_CLASSES, NUM_PIXELS, ROWS
 
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
+
+
+if TYPE_CHECKING:
+    from digits.config import Params
 
 
 class DataError(DigitsError):
@@ -82,13 +87,14 @@ def split(x: np.ndarray, y: np.ndarray, val_size: int, seed: int):
     by_class = np.split(np.argsort(y, kind="stable"), np.cumsum(counts)[:-1])
     n_train = _approximate_mode(counts, len(y) - val_size, rng)
     n_val = _approximate_mode(counts - n_train, val_size, rng)
-    train, val = [], []
+    train: list[int] = []
+    val: list[int] = []
     for members, k_train, k_val in zip(by_class, n_train, n_val, strict=True):
         shuffled = members[rng.permutation(len(members))]
         train.extend(shuffled[:k_train])
         val.extend(shuffled[k_train : k_train + k_val])
-    train, val = rng.permutation(train), rng.permutation(val)
-    return x[train], x[val], y[train], y[val]
+    train_idx, val_idx = rng.permutation(train), rng.permutation(val)
+    return x[train_idx], x[val_idx], y[train_idx], y[val_idx]
 
 
 def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
@@ -123,7 +129,7 @@ def check_arrays(name: str, x: np.ndarray, y: np.ndarray) -> None:
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
     # a file object: np.savez would append .npz to a bare name
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs: allow_pickle first
 
 
 def preprocess(
@@ -199,7 +205,7 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(params) -> dict:
+def run(params: Params) -> dict:
     """The `preprocess` stage: data/raw -> data/processed/{train,test}.npz + reports/data.json."""
     from digits.files import DATA_SUMMARY, RAW_DIR, TEST_DATA, TRAIN_DATA
 

@@ -16,9 +16,13 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from digits.errors import DigitsError
 from digits.mnist import OFFICIAL_MIRRORS, RESOURCES
+
+if TYPE_CHECKING:
+    from digits.config import Params
 
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte before a mirror counts as stalled
 
@@ -134,7 +138,7 @@ def _reason(e: Exception) -> str:
     return text.splitlines()[0]
 
 
-def run(params) -> list[Path]:
+def run(params: Params) -> list[Path]:
     """The `download` stage: data/raw holds the four verified files afterwards."""
     from digits.files import RAW_DIR
 

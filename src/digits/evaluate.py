@@ -1,5 +1,6 @@
-"""The `evaluate` stage: the trained model on the test set (read here and nowhere before), the
-corruption suite, the figures, and the MLflow run's test metrics and registered version.
+"""The `evaluate` stage: the trained model on the test set (read here and nowhere before), its
+calibration, the outlier suite (does it say "not a digit"?), the corruption suite, the figures,
+and the MLflow run's test metrics and registered version.
 
 Scoring runs the model as users run it (digits.inference, numpy): the probabilities scored here
 are the ones the registered version serves. torch loads only for the corruption suite."""
@@ -7,18 +8,22 @@ are the ones the registered version serves. torch loads only for the corruption 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from digits.metrics import compute_metrics
 
+if TYPE_CHECKING:
+    from digits.config import Params
 
-def run(params) -> dict:
+
+def run(params: Params) -> dict:
     """Model + test set -> metrics, predictions, figures, MLflow run and a new version."""
-    from digits import figures, tracking
+    from digits import calibration, figures, ood, outliers, tracking
     from digits.data import file_digest, load_arrays
     from digits.files import FIGURES, HISTORY, METRICS, MODEL, PREDICTIONS, TEST_DATA
-    from digits.inference import Classifier
+    from digits.inference import Classifier, calibrated, softmax
     from digits.reports import read_history, write_metrics, write_predictions
     from digits.robustness import corruption_accuracies
 
@@ -31,9 +36,14 @@ def run(params) -> dict:
     ):
         classifier = Classifier.from_file(MODEL)
         x, y = load_arrays(TEST_DATA, "test")
-        probs = classifier.probabilities(x)
+        logits = classifier.logits(x)
+        probs = calibrated(logits, classifier.temperature)
         pred = probs.argmax(1)
         metrics = compute_metrics(probs, y)
+        metrics["calibration"] = calibration.summary(logits, y, classifier.temperature)
+        suite = outliers.outlier_set("suite", params.evaluate.outliers_per_kind, x)
+        suite_probs = {kind: classifier.probabilities(images) for kind, images in suite.items()}
+        metrics["ood"] = ood.measure(probs, suite_probs, classifier.threshold)
         metrics["robustness"] = corruption_accuracies(classifier.probabilities, x, y)
         drawn = [
             figures.plot_history(history, FIGURES / "training_curves.png"),
@@ -44,13 +54,23 @@ def run(params) -> dict:
             figures.plot_robustness(
                 metrics["robustness"], metrics["accuracy"], FIGURES / "robustness.png"
             ),
+            figures.plot_reliability(
+                calibration.reliability(softmax(logits), y),
+                calibration.reliability(probs, y),
+                metrics["calibration"],
+                FIGURES / "reliability.png",
+            ),
+            figures.plot_ood(probs, suite_probs, metrics["ood"], FIGURES / "ood.png"),
         ]
         write_predictions(PREDICTIONS, y.tolist(), pred.tolist())
         write_metrics(METRICS, metrics)
+        cal, o, r = metrics["calibration"], metrics["ood"], metrics["robustness"]
         print(
             f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
-            f"macro F1 {metrics['macro_f1']:.4f}; corrupted: mean "
-            f"{metrics['robustness']['mean']:.4f}, worst {metrics['robustness']['worst']:.4f}"
+            f"macro F1 {metrics['macro_f1']:.4f}; ECE {cal['ece']:.4f} (T = "
+            f"{cal['temperature']:.3g}; {cal['ece_before']:.4f} before); not a digit: FPR95 "
+            f"{o['fpr95']:.4f}, AUROC {o['auroc']:.4f}, test digits refused "
+            f"{o['refused_digits']:.4f}; corrupted: mean {r['mean']:.4f}, worst {r['worst']:.4f}"
         )
         test_sha256 = file_digest(TEST_DATA)
         tracking.log_evaluation(store, run_id, metrics, drawn, test_sha256, len(y))
@@ -103,7 +123,7 @@ def register(
             client.set_model_version_tag(name, version, k, v)
         with tempfile.TemporaryDirectory(prefix="digits-evaluate-") as tmp:
             sha = scores.files_sha256(scores.download_model(name, version, tmp))
-        plain = {k: v for k, v in metrics.items() if k != "robustness"}
+        plain = {k: v for k, v in metrics.items() if k != "robustness"}  # ood, calibration in
         score = scores.Score(
             version=version,
             metrics=plain,

@@ -107,3 +107,48 @@ def plot_robustness(robustness: dict, clean_accuracy: float, path: Path) -> Path
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right")
     return _save(fig, path)
+
+
+def plot_reliability(before: list[dict], after: list[dict], summary: dict, path: Path) -> Path:
+    """Reliability diagram (digits.calibration.reliability): accuracy against confidence per
+    bin, before and after temperature scaling; on the diagonal a model is calibrated."""
+    fig = Figure(figsize=(6, 5.5), layout="tight")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="calibrated")
+    for rows, label, style in (
+        (before, f"T = 1: ECE {summary['ece_before']:.2%}", "o:"),
+        (after, f"T = {summary['temperature']:.3g}: ECE {summary['ece']:.2%}", "s-"),
+    ):
+        used = [r for r in rows if r["count"]]
+        ax.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], style, label=label)
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence (the largest probability)",
+        ylabel="accuracy",
+        title="reliability on the test set (15 bins)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_ood(digit_probs: np.ndarray, suite: dict[str, np.ndarray], ood: dict, path: Path) -> Path:
+    """How confident the model is on test digits and on each kind of non-digit, with the
+    refusal threshold: everything left of it is "not a digit"."""
+    fig = Figure(figsize=(8, 5), layout="tight")
+    ax = fig.subplots()
+    bins = np.linspace(0, 1, 41).tolist()
+    ax.hist(digit_probs.max(1), bins=bins, density=True, alpha=0.5, label="test digits")
+    for kind, probs in suite.items():
+        ax.hist(probs.max(1), bins=bins, density=True, histtype="step", label=kind)
+    ax.axvline(ood["threshold"], color="black", ls="--", label=f"threshold {ood['threshold']:.3f}")
+    ax.set(
+        yscale="log",
+        xlabel="confidence (the largest calibrated probability)",
+        ylabel="density",
+        title=f"not a digit: AUROC {ood['auroc']:.4f}, FPR95 {ood['fpr95']:.2%}, "
+        f"test digits refused {ood['refused_digits']:.2%}",
+    )
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
+    return _save(fig, path)

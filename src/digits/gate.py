@@ -19,14 +19,19 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from digits import governance, registry
+from digits.calibration import ece
 from digits.errors import DigitsError
-from digits.metrics import compute_metrics
+from digits.metrics import DIGITS, compute_metrics
 from digits.policy import Outcome, Verdict, checks, compare, decide
 from digits.scores import CACHE_TAG, Score, cache_record, download_model, files_sha256, from_cache
+
+if TYPE_CHECKING:
+    from digits.config import Params
 
 
 class GateFailed(DigitsError):
@@ -41,13 +46,23 @@ class Scorer:
     """Scores registered versions of one model on one test set, each at most once per run:
     from its record when the key matches, else from its files (and then the record is due)."""
 
-    def __init__(self, client, name: str, test_data: Path, test_sha256: str, robustness: bool):
+    def __init__(
+        self,
+        client,
+        name: str,
+        test_data: Path,
+        test_sha256: str,
+        *,
+        robustness: bool = False,
+        outliers_per_kind: int = 0,
+    ):
         from digits.data import load_labels
 
         self.client, self.name, self.test_data = client, name, test_data
         self.y = load_labels(test_data, "test")
         self.test_sha256 = test_sha256
         self.robustness = robustness  # score the corruption suite where a record lacks it
+        self.outliers_per_kind = outliers_per_kind  # and the outlier suite (0: not needed)
         self.scores: dict[str, Score] = {}
         self.to_cache: dict[str, str] = {}  # version -> record to write (scored afresh)
 
@@ -62,18 +77,28 @@ class Scorer:
             sha = files_sha256(local)
             tags = self.client.get_model_version(self.name, version).tags
             hit = from_cache(tags.get(CACHE_TAG), version, sha, self.test_sha256, len(self.y))
-            if hit is not None and (hit.robustness is not None or not self.robustness):
+            robust_ok = hit is not None and (hit.robustness is not None or not self.robustness)
+            if robust_ok and ("ood" in hit.metrics or not self.outliers_per_kind):
                 return hit
-            predict = self._predictor(local)
-            probs = predict(self._images())
+            predict, threshold = self._predictor(local)
+            x = self._images()
+            probs = predict(x)
+            metrics = compute_metrics(probs, self.y)
+            metrics["calibration"] = {"ece": round(ece(probs, self.y), DIGITS)}
+            if self.outliers_per_kind:
+                from digits import ood, outliers
+
+                suite = outliers.outlier_set("suite", self.outliers_per_kind, x)
+                suite_probs = {kind: predict(images) for kind, images in suite.items()}
+                metrics["ood"] = ood.measure(probs, suite_probs, threshold)
             robustness = None
             if self.robustness:
                 from digits.robustness import corruption_accuracies
 
-                robustness = corruption_accuracies(predict, self._images(), self.y)
+                robustness = corruption_accuracies(predict, x, self.y)
         score = Score(
             version=version,
-            metrics=compute_metrics(probs, self.y),
+            metrics=metrics,
             correct=probs.argmax(1) == self.y,
             model_sha256=sha,
             robustness=robustness,
@@ -88,22 +113,24 @@ class Scorer:
 
     @staticmethod
     def _predictor(local: Path):
-        """Probabilities of the version in `local`: its weights through digits.inference, or,
-        for a version of an earlier format, the model loaded as users load it (pyfunc)."""
+        """(probabilities of the version in `local`, its refusal threshold): its weights through
+        digits.inference, or, for a version of an earlier format, the model loaded as users
+        load it (pyfunc; it refuses nothing)."""
         from digits.inference import weights_in
 
         weights = weights_in(local)
         if weights is not None:
             from digits.inference import Classifier
 
-            return Classifier.from_file(weights).probabilities
+            classifier = Classifier.from_file(weights)
+            return classifier.probabilities, classifier.threshold
         import mlflow.pyfunc
 
         model = mlflow.pyfunc.load_model(str(local))
-        return lambda x: np.asarray(model.predict(np.asarray(x, np.float32)))
+        return (lambda x: np.asarray(model.predict(np.asarray(x, np.float32)))), 0.0
 
 
-def run(params) -> Outcome:
+def run(params: Params) -> Outcome:
     """The `gate` stage / `digits gate` command. Raises GateFailed (exit 1) on any failure."""
     from digits import gate_report, tracking
     from digits.data import file_digest
@@ -125,8 +152,19 @@ def run(params) -> Outcome:
 
     with tracking.active_run(store, run_id):  # a crash from here on marks the run FAILED
         with store.reading() as client:
-            robust = ctx.gates.min_corruption_accuracy > 0
-            scorer = Scorer(client, name, TEST_DATA, test_sha256, robust)
+            g = ctx.gates
+            scorer = Scorer(
+                client,
+                name,
+                TEST_DATA,
+                test_sha256,
+                robustness=g.min_corruption_accuracy > 0,
+                outliers_per_kind=(
+                    params.evaluate.outliers_per_kind
+                    if min(g.max_ood_fpr95, g.max_refused_digits) < 1
+                    else 0
+                ),
+            )
             champ = registry.alias_version(client, name, registry.CHAMPION)
             new = scorer.score(version)
             champion = scorer.score(champ) if champ not in (None, version) else None

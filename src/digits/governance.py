@@ -124,6 +124,9 @@ STRICTER = {
     "min_class_recall": max,
     "max_accuracy_drop": min,
     "min_corruption_accuracy": max,
+    "max_ece": min,
+    "max_ood_fpr95": min,
+    "max_refused_digits": min,
     "alpha": max,  # passes when p >= alpha: a larger alpha rejects more
 }
 

@@ -34,6 +34,9 @@ INK = 0.25  # a pixel is ink when it is this far from the background towards the
 MIN_CONTRAST = 0.1  # below this ink-to-background difference (0-1) the image is blank
 
 
+SIDE_KEY = "digits.original_side"  # img.info: the longer side of the picture as stored
+
+
 class ImageError(DigitsError):
     """An image that cannot be predicted; the message names it and says why."""
 
@@ -66,7 +69,9 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             scale = WORK_SIDE / max(w, h)
             img.draft("L", (math.ceil(w * scale), math.ceil(h * scale)))
         img.load()
-        return ImageOps.exif_transpose(img)  # phone photos are stored sideways plus a tag
+        upright = ImageOps.exif_transpose(img)  # phone photos are stored sideways plus a tag
+        upright.info[SIDE_KEY] = max(w, h)  # before the draft: for boxes in the file's pixels
+        return upright
     except Image.DecompressionBombError:
         raise ImageError(too_big) from None
     except UnidentifiedImageError:

@@ -1,7 +1,12 @@
 """The trained model as users run it, in numpy alone: the weights file read without torch, the
-forward pass with its products in `digits.blas`, then softmax. What the evaluate stage scores,
-the gate re-scores, `digits predict` and the page answer with, and the registered pyfunc serves:
-one code path, so what is served is what the gate scored.
+forward pass with its products in `digits.blas`, then the calibrated softmax and the refusal.
+What the evaluate stage scores, the gate re-scores, `digits predict` and the page answer with,
+and the registered pyfunc serves: one code path, so what is served is what the gate scored.
+
+A model file carries its calibration in its header: the temperature that divides the logits
+(digits.calibration) and the refusal threshold (digits.ood): an image whose best digit gets a
+calibrated probability below it is "not a digit". A file without one has temperature 1 and
+threshold 0 (it refuses nothing).
 
 The logits are bit-for-bit those of the torch network the trainer built (`digits.model`): the
 same OpenBLAS calls on the same layouts, then the bias add and ReLU, which round exactly. No
@@ -20,6 +25,9 @@ from digits import blas
 from digits.errors import DigitsError
 from digits.mnist import NUM_CLASSES, NUM_PIXELS
 
+# the safetensors metadata key of a model file's header: {"architecture": ..., "calibration": ...}
+HEADER_KEY = "digits"
+
 
 class ModelError(DigitsError):
     """A model file that is missing or was not written by `digits.model.save_model`."""
@@ -32,6 +40,8 @@ class ModelFile:
     hidden_sizes: tuple[int, ...]
     dropout: float
     tensors: dict[str, np.ndarray]  # "0.weight", "0.bias", "2.weight", ... (nn.Sequential)
+    temperature: float = 1.0
+    threshold: float = 0.0
 
     def layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(weight (out, in), bias (out,)) of each linear layer, input to output."""
@@ -48,13 +58,21 @@ def read_model_file(path: str | Path) -> ModelFile:
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "np") as f:
-            arch = json.loads((f.metadata() or {})["architecture"])
+            meta = f.metadata() or {}
+        if HEADER_KEY in meta:
+            header = json.loads(meta[HEADER_KEY])
+            arch, cal = header["architecture"], header.get("calibration", {})
+        else:  # the files of earlier releases: a key each (uncalibrated before calibration)
+            arch, cal = json.loads(meta["architecture"]), json.loads(meta.get("calibration", "{}"))
         hidden, dropout = tuple(int(s) for s in arch["hidden_sizes"]), float(arch["dropout"])
+        temperature, threshold = float(cal.get("temperature", 1.0)), float(cal.get("threshold", 0))
+        if not (temperature > 0 and 0 <= threshold <= 1):
+            raise ValueError(f"calibration {cal}: expected temperature > 0, threshold in [0, 1]")
     except FileNotFoundError:
         raise ModelError(f"{path}: model file not found") from None
     except (SafetensorError, KeyError, TypeError, ValueError, OSError) as e:
         raise ModelError(f"{path}: not a model written by digits ({e})") from None
-    model = ModelFile(hidden, dropout, tensors)
+    model = ModelFile(hidden, dropout, tensors, temperature, threshold)
     sizes = [NUM_PIXELS, *hidden, NUM_CLASSES]
     try:
         shapes = [(w.shape, b.shape) for w, b in model.layers()]
@@ -82,6 +100,7 @@ class Classifier:
 
     def __init__(self, model: ModelFile):
         self.hidden_sizes = model.hidden_sizes
+        self.temperature, self.threshold = model.temperature, model.threshold
         self._layers = [
             (np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32))
             for w, b in model.layers()
@@ -108,7 +127,34 @@ class Classifier:
         return h
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(x))
+        """Calibrated probabilities of digits 0-9, (N, 10)."""
+        return calibrated(self.logits(x), self.temperature)
+
+    def answers(self, x: np.ndarray) -> Answers:
+        return Answers.of(self.probabilities(x), self.threshold)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What the model says of each image: the digit (-1: not a digit), its best guess, the
+    guess's probability (the score the refusal compares with the threshold), and all ten."""
+
+    digit: np.ndarray  # int64 (N,), -1 where refused
+    guess: np.ndarray  # int64 (N,)
+    confidence: np.ndarray  # float32 (N,)
+    probabilities: np.ndarray  # float32 (N, 10)
+
+    @classmethod
+    def of(cls, probs: np.ndarray, threshold: float) -> Answers:
+        guess = probs.argmax(axis=1).astype(np.int64)
+        confidence = probs.max(axis=1)
+        digit = np.where(confidence >= threshold, guess, -1)
+        return cls(digit, guess, confidence, probs)
+
+
+def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T), in float32: the probabilities a calibrated model gives."""
+    return softmax(np.asarray(logits, np.float32) / np.float32(temperature))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

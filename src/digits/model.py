@@ -21,7 +21,7 @@ from torch import nn
 
 from digits import blas
 from digits.files import atomic_path
-from digits.inference import ModelError, read_model_file  # noqa: F401 (re-exported)
+from digits.inference import HEADER_KEY, ModelError, read_model_file  # noqa: F401 (re-exported)
 from digits.mnist import NUM_CLASSES, NUM_PIXELS
 
 
@@ -89,9 +89,22 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 10000) -
     return torch.cat([model(xb) for xb in x.split(batch_size)])
 
 
-def save_model(model: nn.Sequential, path: str | Path, hidden_sizes, dropout: float) -> None:
+def save_model(
+    model: nn.Sequential,
+    path: str | Path,
+    hidden_sizes,
+    dropout: float,
+    calibration: dict | None = None,
+) -> None:
+    """The weights, with the architecture (and the calibration: temperature and refusal
+    threshold, see digits.inference) in the header."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"architecture": json.dumps({"hidden_sizes": list(hidden_sizes), "dropout": dropout})}
+    header: dict = {"architecture": {"hidden_sizes": list(hidden_sizes), "dropout": dropout}}
+    if calibration is not None:
+        header["calibration"] = calibration
+    # one metadata key: safetensors writes its metadata map in a per-process random order, so
+    # two keys would make the same model two different files (and DVC rerun everything after)
+    meta = {HEADER_KEY: json.dumps(header, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
 

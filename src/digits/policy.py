@@ -128,6 +128,40 @@ def checks(
                 f"drop allowed {gates.max_accuracy_drop}",
             )
         )
+    if gates.max_ece < 1:
+        out.append(
+            Check(
+                gate="max_ece",
+                metric="expected calibration error (15 bins)",
+                value=_needs(m, "calibration", "max_ece")["ece"],
+                threshold=gates.max_ece,
+                op="<=",
+            )
+        )
+    if gates.max_ood_fpr95 < 1:
+        o = _needs(m, "ood", "max_ood_fpr95")
+        out.append(
+            Check(
+                gate="max_ood_fpr95",
+                metric="non-digits accepted at 95% of test digits (FPR95)",
+                value=o["fpr95"],
+                threshold=gates.max_ood_fpr95,
+                op="<=",
+                note=f"AUROC {o['auroc']:.4f} over {o['outliers']} non-digits",
+            )
+        )
+    if gates.max_refused_digits < 1:
+        o = _needs(m, "ood", "max_refused_digits")
+        out.append(
+            Check(
+                gate="max_refused_digits",
+                metric="test digits refused as not a digit",
+                value=o["refused_digits"],
+                threshold=gates.max_refused_digits,
+                op="<=",
+                note=f"threshold {o['threshold']:.4g}",
+            )
+        )
     if gates.min_corruption_accuracy > 0:
         if new.robustness is None:
             raise ValueError(
@@ -146,6 +180,12 @@ def checks(
             )
         )
     return out
+
+
+def _needs(metrics: dict, section: str, gate: str) -> dict:
+    if section not in metrics:
+        raise ValueError(f"checks: {gate} is on but the score has no {section} section")
+    return metrics[section]
 
 
 class Verdict(Enum):

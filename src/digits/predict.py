@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from digits.errors import DigitsError
-from digits.imaging import ImageError, preprocess, read_image
+from digits.imaging import ImageError, read_image
+from digits.inference import Answers
 from digits.mnist import NUM_CLASSES
+from digits.segment import Piece, read_pieces
 
 
 def champion_uri(params_file: str | Path = "params.yaml") -> str:
@@ -32,11 +35,11 @@ def champion_uri(params_file: str | Path = "params.yaml") -> str:
 def load_model(uri: str | None = None):
     """The model at `uri` (a registry URI, runs:/ URI or folder; default: the champion) in the
     configured store, ready to predict: its weights file read by digits.inference (no code
-    from the registry runs), or, for a version of an earlier format, the pyfunc model.
+    from the registry runs; digits.model_cache keeps it between commands), or, for a version
+    of an earlier format, the pyfunc model.
 
     Returns an object with `probabilities((N, 784) float32) -> (N, 10)`."""
-    import mlflow
-
+    from digits import model_cache
     from digits.inference import weights_in
     from digits.store import client_defaults, first_line, sqlite_path, tracking_uri
 
@@ -50,23 +53,45 @@ def load_model(uri: str | None = None):
             f"no MLflow store at {db}: train a model first (`dvc repro`), or set "
             "MLFLOW_TRACKING_URI to the store holding it"
         )
-    mlflow.set_tracking_uri(store)
-    try:
-        local = Path(uri) if Path(uri).is_dir() else None
-        if local is None:
-            import tempfile
+    from digits.inference import Classifier
 
-            tmp = tempfile.mkdtemp(prefix="digits-model-")
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+    if Path(uri).is_dir():
+        local = Path(uri)
+    else:
+        cached = model_cache.lookup(store, db, uri)
+        if cached is not None:  # the store has not changed since: no MLflow import at all
+            return Classifier.from_file(cached)
+        before = model_cache.stamp(db)
+        local = _download(uri, store)
         weights = weights_in(local)
         if weights is not None:
-            from digits.inference import Classifier
+            model_cache.remember(store, db, uri, weights, before)
+    weights = weights_in(local)
+    if weights is not None:
+        return Classifier.from_file(weights)
+    import mlflow
 
-            return Classifier.from_file(weights)
-        # suppress_warnings skips MLflow's check of the installed packages against the
-        # model's requirements: seconds per start, and the project pins them
+    # a version of an earlier format: as users load it; suppress_warnings skips MLflow's
+    # check of the installed packages against the model's (seconds per start)
+    try:
         return _Pyfunc(mlflow.pyfunc.load_model(str(local), suppress_warnings=True))
     except (mlflow.exceptions.MlflowException, OSError) as e:
+        raise DigitsError(f"model {uri} in {store}: cannot load it ({first_line(e)})") from None
+
+
+def _download(uri: str, store: str) -> Path:
+    """The model's files from the registry, into a temporary folder."""
+    import tempfile
+
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    try:
+        tmp = tempfile.mkdtemp(prefix="digits-model-")
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        from digits.store import first_line
+
         raise DigitsError(f"model {uri} in {store}: cannot load it ({first_line(e)})") from None
 
 
@@ -88,30 +113,115 @@ def probabilities(model, batch: np.ndarray) -> np.ndarray:
     return out
 
 
+def answers(model, batch: np.ndarray) -> Answers:
+    """What the model says of each image of `batch`: the digit or "not a digit" (a version of
+    an earlier format, without a refusal threshold, names a digit for everything)."""
+    if hasattr(model, "answers"):
+        return model.answers(np.ascontiguousarray(batch, dtype=np.float32))
+    return Answers.of(probabilities(model, batch), 0.0)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the model says of one picture: its digits' pieces, left to right ([] for a blank
+    picture), and the answer for each (rows of `said`)."""
+
+    pieces: list[Piece]
+    said: Answers | None
+
+    @property
+    def reading(self) -> str:
+        """The digits, "?" where a piece is not a digit."""
+        return "".join(str(d) if d >= 0 else "?" for d in self.said.digit) if self.said else ""
+
+    @property
+    def number(self) -> str | None:
+        """The number it holds, or None when a piece is not a digit (or it is blank)."""
+        text = self.reading
+        return text if text and "?" not in text else None
+
+
+def read_all(model, pictures: list) -> list[Reading]:
+    """The pieces of each picture (digits.segment), read in one call of the model."""
+    pieces = [read_pieces(img, name) for img, name in pictures]
+    flat = [p.image for ps in pieces for p in ps]
+    said = answers(model, np.stack(flat)) if flat else None
+    out, start = [], 0
+    for ps in pieces:
+        rows = slice(start, start + len(ps))
+        part = None
+        if ps and said is not None:
+            part = Answers(said.digit[rows], said.guess[rows], said.confidence[rows],
+                           said.probabilities[rows])  # fmt: skip
+        out.append(Reading(ps, part))
+        start += len(ps)
+    return out
+
+
 def main(args) -> int:
-    """The `digits predict` handler: one line per image (or one JSON object with --json); an
-    image that fails is reported on stderr by name, the others are still predicted."""
+    """The `digits predict` handler: one line per image (or one JSON object with --json), in
+    the order given; an image that cannot be read is reported on stderr by name, the others are
+    still answered. A blank image is an answer, "not a digit (no ink)", not an error."""
     model = load_model(args.model)
     failed = 0
     batch_size = 256  # print as we go for long lists, and keep memory flat
     for start in range(0, len(args.images), batch_size):
-        names, rows = [], []
+        pictures = []
         for name in args.images[start : start + batch_size]:
             try:
-                rows.append(preprocess(read_image(name), name))
-                names.append(name)
+                pictures.append((read_image(name), name))
             except ImageError as e:
                 print(f"digits predict: error: {e}", file=sys.stderr)
                 failed += 1
-        if rows:
-            for name, p in zip(names, probabilities(model, np.stack(rows)), strict=True):
-                print(format_result(name, p, args.json))
+        for (_, name), reading in zip(pictures, read_all(model, pictures), strict=True):
+            print(format_reading(name, reading, args.json))
     return 1 if failed else 0
 
 
-def format_result(name: str, p: np.ndarray, as_json: bool) -> str:
-    digit = int(np.argmax(p))
+def _piece(said: Answers, i: int) -> dict:
+    digit = int(said.digit[i])
+    return {
+        "digit": digit if digit >= 0 else None,
+        "guess": int(said.guess[i]),
+        "confidence": round(float(said.confidence[i]), 6),
+        "probabilities": [round(float(v), 6) for v in said.probabilities[i]],
+    }
+
+
+def _said(said: Answers, i: int, short: bool = False) -> str:
+    digit, guess, confidence = int(said.digit[i]), int(said.guess[i]), float(said.confidence[i])
+    if digit < 0:
+        return f"not a digit (best guess {guess}, {confidence:.0%})"
+    return f"{digit} {confidence:.0%}" if short else f"{digit} ({confidence:.1%})"
+
+
+def reading_record(name: str, r: Reading) -> dict:
+    """A picture's answer as `digits predict --json` gives it (format_reading says what)."""
+    said = r.said
+    if said is None or not r.pieces:
+        empty = {"digit": None, "guess": None, "confidence": 0.0, "probabilities": None}
+        return {"file": name, **empty, "number": None, "reading": "", "digits": []}
+    pieces = [{"box": list(p.box), **_piece(said, i)} for i, p in enumerate(r.pieces)]
+    record: dict = {"file": name}
+    if len(pieces) == 1:
+        record.update({k: v for k, v in pieces[0].items() if k != "box"})
+    record.update({"number": r.number, "reading": r.reading, "digits": pieces})
+    return record
+
+
+def format_reading(name: str, r: Reading, as_json: bool) -> str:
+    """One picture's answer. A digit: `7 (99.2%)` or `not a digit (best guess 7, 31%)`; a
+    blank picture: `not a digit (no ink)`; a number: `2026 (2 99%, 0 97%, 2 99%, 6 95%)`, "?"
+    for a piece that is not a digit. As JSON: "number" (null unless every piece is a digit),
+    "reading", and "digits", each piece's box (top, left, bottom, right in the picture's
+    pixels), digit (null: not a digit), guess, confidence and probabilities; a picture of one
+    digit also has that piece's keys at the top, as `digits predict` always gave them."""
     if as_json:
-        probs = [round(float(v), 6) for v in p]
-        return json.dumps({"file": name, "digit": digit, "probabilities": probs})
-    return f"{name}: {digit} ({float(p[digit]):.1%})"
+        return json.dumps(reading_record(name, r))
+    said = r.said
+    if said is None or not r.pieces:  # a blank picture
+        return f"{name}: not a digit (no ink)"
+    if len(r.pieces) == 1:
+        return f"{name}: {_said(said, 0)}"
+    each = ", ".join(_said(said, i, short=True) for i in range(len(r.pieces)))
+    return f"{name}: {r.reading} ({each})"

@@ -61,12 +61,19 @@ def read_history(path: Path) -> list[Epoch]:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         return [
-            Epoch(**{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})
+            Epoch(
+                epoch=int(row["epoch"]),
+                train_loss=float(row["train_loss"]),
+                train_accuracy=float(row["train_accuracy"]),
+                val_loss=float(row["val_loss"]),
+                val_accuracy=float(row["val_accuracy"]),
+                lr=float(row["lr"]),
+            )
             for row in rows
         ]
     except FileNotFoundError:
         raise ReportError(f"{path}: not found; the train stage writes it") from None
-    except (TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ReportError(f"{path}: not a training history ({e})") from None
 
 

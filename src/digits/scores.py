@@ -2,7 +2,7 @@
 `gate.score`), so the gate judges without loading models it has seen before.
 
 The evaluate stage writes the record of the version it registers: it has just scored the same
-weights on the same test set, so the gate need not load the pt2 model again (loading one through
+weights on the same test set, so the gate need not load the model again (loading one through
 pyfunc cost the gate 5 s of its 12). The gate writes the record of any version it had to score
 itself (a champion from before this cache, or whose record no longer matches).
 
@@ -10,8 +10,8 @@ A record is used only while its key matches what would be scored now:
 - `model_sha256`: the model's files as the registry serves them (downloaded, then hashed), so a
   changed artifact is scored again;
 - `test_sha256`: the processed test set's file;
-- `scorer_sha256`: the metric code (digits/metrics.py), so a changed definition of accuracy or
-  loss scores everything again.
+- `scorer_sha256`: the scoring code (SCORER_MODULES: metrics, calibration, the outlier suite),
+  so a changed definition of accuracy, loss or FPR95 scores everything again.
 The corruption accuracies ride along with their own key, the sha256 of digits/robustness.py.
 A record whose accuracy disagrees with its own per-image results is not trusted either.
 
@@ -68,23 +68,27 @@ def download_model(name: str, version: str, dst: str) -> Path:
     )
 
 
-def _code_sha256(module_file: str) -> str:
+# the code a score's numbers come from: the metrics, the calibration error, the outlier suite
+# and its measures (read as text: importing them would load Pillow and matplotlib's fonts)
+SCORER_MODULES = ("metrics.py", "calibration.py", "ood.py", "outliers.py", "imaging.py")
+
+
+def _code_sha256(*module_files: str) -> str:
     h = hashlib.sha256(f"format {CACHE_FORMAT}\0".encode())
-    h.update(Path(module_file).read_bytes())
+    for name in module_files:
+        h.update(Path(__file__).with_name(name).read_bytes())
     return h.hexdigest()
 
 
 def scorer_sha256() -> str:
-    """The metric code's identity: a cached score is reused only if accuracy, loss and recall
-    are still computed by the same code."""
-    import digits.metrics
-
-    return _code_sha256(digits.metrics.__file__)
+    """The scoring code's identity: a cached score is reused only if accuracy, loss, recall,
+    calibration error and the outlier figures are still computed by the same code."""
+    return _code_sha256(*SCORER_MODULES)
 
 
 def robustness_sha256() -> str:
     """The corruption suite's identity (its file, read as text: importing it loads torchvision)."""
-    return _code_sha256(str(Path(__file__).with_name("robustness.py")))
+    return _code_sha256("robustness.py")
 
 
 def encode_correct(correct: np.ndarray) -> str:

@@ -5,7 +5,7 @@ HTTP: runs, metrics and the model registry live in PostgreSQL, and artifacts are
 server writes them to `--artifacts-destination` (a folder, or an object store such as
 s3://bucket/path) and clients see `mlflow-artifacts:/...` URIs, so no client needs access to the
 storage itself. It binds 127.0.0.1 unless told otherwise; put TLS and the outside world in front
-of it with a reverse proxy (README: Working as a team).
+of it with a reverse proxy (docs/team.md).
 
 Without `--backend-store-uri` it runs a throwaway PostgreSQL cluster (Debian's `postgresql`
 package) in a temp folder, deleted when the server stops: for trying the setup and for tests.
@@ -77,9 +77,10 @@ class LocalPostgres:
     data is thrown away anyway."""
 
     def __init__(self) -> None:
-        self.bindir = find_pg_bindir()
-        if self.bindir is None:
+        bindir = find_pg_bindir()
+        if bindir is None:
             raise ServerError(f"PostgreSQL is not installed (no initdb found); {PG_HINT}")
+        self.bindir: Path = bindir
         self.password = secrets.token_urlsafe(18)
         self.port = 0
         self.root: Path | None = None

@@ -24,25 +24,38 @@ CODE_FILE = Path(__file__).with_name("mlflow_model.py")
 # what mlflow_model.py imports, and what those import (tests/test_serving.py checks the list)
 SERVED_MODULES = ("__init__.py", "errors.py", "mnist.py", "numerics.py", "blas.py", "inference.py")
 WEIGHTS_ARTIFACT = "weights"  # the name of the weights file among the model's artifacts
-REQUIREMENTS = ("mlflow", "numpy", "safetensors", "threadpoolctl")
+REQUIREMENTS = ("mlflow", "numpy", "pandas", "safetensors", "threadpoolctl")
+PROBABILITIES = [f"p{d}" for d in range(NUM_CLASSES)]
 
 DESCRIPTION = (
-    f"MNIST digit classifier (a multilayer perceptron). Input: float32 array (N, {NUM_PIXELS}),"
-    f" N images of {ROWS}x{COLS} pixels flattened row by row, ink 1.0 on background 0.0 (pixel"
-    f" values in [0, 1]). Output: float32 array (N, {NUM_CLASSES}), the probabilities of digits"
-    f" 0-9 (each row sums to 1; the prediction is its argmax). Use the version with the alias"
-    f" @champion: `mlflow.pyfunc.load_model('models:/<name>@champion').predict(x)`."
+    f"MNIST digit classifier (a multilayer perceptron, calibrated, that says when an image is"
+    f" not a digit). Input: float32 array (N, {NUM_PIXELS}), N images of {ROWS}x{COLS} pixels"
+    f" flattened row by row, ink 1.0 on background 0.0 (pixel values in [0, 1]). Output: a"
+    f" table of N rows with the columns `digit` (0-9, or null when the image is not a digit),"
+    f" `guess` (the most likely digit, also for a refused image), `confidence` (the calibrated"
+    f" probability of the guess; below the version's threshold it is not a digit) and"
+    f" `p0`..`p9` (the calibrated probabilities of digits 0-9; each row sums to 1). Served by"
+    f' `mlflow models serve`: POST {{"inputs": [[784 numbers], ...]}} to /invocations, get'
+    f' {{"predictions": [{{"digit": 7, "guess": 7, "confidence": 0.99, "p0": ...'
+    f" }}, ...]}}. Use the version with the alias @champion:"
+    f" `mlflow.pyfunc.load_model('models:/<name>@champion').predict(x)`."
 )
 
 
 def signature():
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    # unnamed: a named tensor would reach predict() as a dict {name: array}
+    outputs: list[ColSpec | TensorSpec] = [
+        ColSpec("long", "digit", required=False),  # null: not a digit
+        ColSpec("long", "guess"),
+        ColSpec("float", "confidence"),
+        *(ColSpec("float", p) for p in PROBABILITIES),
+    ]
+    # the input unnamed: a named tensor would reach predict() as a dict {name: array}
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_PIXELS))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+        outputs=Schema(outputs),
     )
 
 
@@ -78,6 +91,9 @@ def log_and_register(weights: Path, name: str) -> str:
 
 
 def describe_registered_model(client, name: str) -> None:
-    """Say what the model takes and returns (once: a description written in the UI is kept)."""
-    if not client.get_registered_model(name).description:
+    """Say what the model takes and returns: once, and again when this project's own words
+    change (a description written in the UI is kept)."""
+    current = client.get_registered_model(name).description or ""
+    ours = not current or current.startswith(DESCRIPTION.split(" (")[0])
+    if ours and current != DESCRIPTION:
         client.update_registered_model(name, description=DESCRIPTION)

@@ -16,6 +16,7 @@ has it. The gate finds the version registered for the model file, and through it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -134,6 +135,23 @@ def _mark_training_experiment(store: Store) -> None:
             client.set_experiment_tag(store.experiment_id, key, value)
 
 
+def sweep_tags() -> dict[str, str]:
+    """A `digits sweep` trial's run (the sweep hands it SWEEP_ENV): a child of the study's
+    parent run, tagged with the study, the trial's number and the worker that ran it."""
+    from digits.sweep import SWEEP_ENV
+
+    raw = os.environ.get(SWEEP_ENV)
+    if not raw:
+        return {}
+    trial = json.loads(raw)
+    return {
+        "mlflow.parentRunId": trial["parent"],
+        "digits.sweep.study": trial["study"],
+        "digits.sweep.trial": str(trial["trial"]),
+        "digits.sweep.worker": trial["worker"],
+    }
+
+
 def _new_run(params: Params, extra_tags: dict[str, str]) -> dict[str, Any]:
     """start_run's arguments for a new run of this pipeline: name, provenance tags, description."""
     root = repo_root()
@@ -141,6 +159,7 @@ def _new_run(params: Params, extra_tags: dict[str, str]) -> dict[str, Any]:
     tags = {
         **lineage.run_tags(origin),
         "mlflow.note.content": lineage.description(origin, params, root),
+        **sweep_tags(),
         **extra_tags,
     }
     return {"run_name": origin.run_name, "tags": tags}
@@ -170,15 +189,18 @@ class LiveRun:
 
     def __init__(self, store: Store, run_id: str):
         self.store, self.run_id = store, run_id
+        self.logging_seconds = 0.0  # what logging the epochs cost the training
 
     def log_epoch(self, row: Epoch) -> None:
         """One epoch's metrics, step = epoch, stamped now (as the epoch ends)."""
         from mlflow.entities import Metric
 
+        t0 = time.perf_counter()
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, row.epoch) for k, v in row.metrics().items()]
         with self.store.writing() as client:
             client.log_batch(self.run_id, metrics=metrics)
+        self.logging_seconds += time.perf_counter() - t0
 
     def log_epochs(self, rows: Sequence[Epoch]) -> None:
         """The rows the run has not logged yet (after a resume: a kill may have cut the last
@@ -190,15 +212,19 @@ class LiveRun:
             if row.epoch > done:
                 self.log_epoch(row)
 
-    def trained(self, result, *, device, model_sha256: str) -> None:
-        """What the training took, and which model file it wrote (evaluate looks for it)."""
+    def trained(self, result, *, device, model_sha256: str, calibration: dict) -> None:
+        """What the training took, its calibration, and which model file it wrote (evaluate
+        looks for it)."""
         import torch
 
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         with self.store.writing() as client:
-            client.log_metric(self.run_id, "training/seconds", round(result.seconds, 2))
+            client.log_metric(self.run_id, "training/seconds", round(result.seconds, 3))
             client.log_metric(self.run_id, "training/samples_per_second", result.samples_per_second)
             client.log_metric(self.run_id, "training/resumed_from_epoch", result.resumed_from_epoch)
+            client.log_metric(self.run_id, "training/logging_seconds", self.logging_seconds)
+            client.log_metric(self.run_id, "calibration/temperature", calibration["temperature"])
+            client.log_metric(self.run_id, "ood/threshold", calibration["threshold"])
             client.set_tag(
                 self.run_id, "device", f"{device.type} ({name})" if name else device.type
             )
@@ -228,11 +254,16 @@ def training_run(params: Params, data: TrainingData, resume_run: str = "") -> It
 
 
 def evaluation_metrics(metrics: dict) -> dict[str, float]:
-    """Headline metrics as `test_<name>`; per-class ones as `test_class/<digit>/<metric>` and
-    the corruption suite's as `robustness/...`, so MLflow groups them by prefix."""
+    """Headline metrics as `test_<name>`; per-class ones as `test_class/<digit>/<metric>`, the
+    calibration's as `calibration/...`, the outlier suite's as `ood/...` (`ood/refused/<kind>`)
+    and the corruption suite's as `robustness/...`, so MLflow groups them by prefix."""
     out = {f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)}
     for digit, per_class in metrics["per_class"].items():
         out.update({f"test_class/{digit}/{m}": v for m, v in per_class.items()})
+    out.update({f"calibration/{k}": v for k, v in (metrics.get("calibration") or {}).items()})
+    ood = metrics.get("ood") or {}
+    out.update({f"ood/{k}": v for k, v in ood.items() if not isinstance(v, dict)})
+    out.update({f"ood/refused/{k}": v for k, v in ood.get("refused", {}).items()})
     robustness = metrics.get("robustness") or {}
     out.update({f"robustness/{k}": v for k, v in robustness.items() if not isinstance(v, dict)})
     out.update({f"robustness/{k}": v for k, v in robustness.get("corruptions", {}).items()})

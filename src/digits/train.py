@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from digits.augment import augment_batch, make_augment
 from digits.checkpoint import Checkpoint, capture, fingerprint, restore
-from digits.config import TrainParams
+from digits.config import Params, TrainParams
 from digits.errors import DigitsError
 from digits.model import build_mlp, predict_logits
 from digits.reports import Epoch
@@ -42,22 +42,27 @@ def train(
     p: TrainParams,
     data: Sequence[torch.Tensor],
     *,
+    outliers: torch.Tensor | None = None,
     checkpoint: Checkpoint | None = None,
     on_epoch: Callable[[Epoch], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train the network `p` describes on data = (train_x, train_y, val_x, val_y). With a
-    `checkpoint`, a saved state is resumed and the state saved after every epoch but the last;
-    then `on_epoch` gets the epoch's row (the live MLflow run logs it)."""
+    """Train the network `p` describes on data = (train_x, train_y, val_x, val_y), and, with
+    `p.outliers` on, the non-digits in `outliers` (N, 784). With a `checkpoint`, a saved state
+    is resumed and the state saved after every epoch but the last; then `on_epoch` gets the
+    epoch's row (the live MLflow run logs it)."""
     device = set_up(p)
     x, y, val_x, val_y = (t.to(device) for t in data)
+    if p.outliers.enabled and outliers is None:
+        raise TrainError("train.outliers.enabled: outlier exposure needs the outliers to show")
+    pool = outliers.to(device) if p.outliers.enabled and outliers is not None else None
     steps_per_epoch = math.ceil(len(x) / p.batch_size)
     model, opt, sched = build(p, device, total_steps=p.epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     augment = make_augment(p.augment) if p.augment.enabled else None
     history: list[Epoch] = []
     resume = checkpoint.load() if checkpoint is not None else None
-    if resume is not None:
+    if resume is not None and checkpoint is not None:
         restore(resume, model, opt, sched, device)
         history = [Epoch(**row) for row in resume.history]
         print(f"train: resuming from {checkpoint.path} after epoch {len(history)}")
@@ -67,7 +72,7 @@ def train(
         t0 = time.perf_counter()
         bar = f"epoch {epoch}/{p.epochs}" if progress else None
         train_loss, train_acc = train_one_epoch(
-            model, opt, sched, loss_fn, x, y, p, augment=augment, bar=bar
+            model, opt, sched, loss_fn, x, y, p, augment=augment, outliers=pool, bar=bar
         )
         val_loss, val_acc = validate(model, val_x, val_y)
         row = Epoch(
@@ -144,31 +149,39 @@ def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, total_steps: int)
 
 
 def train_one_epoch(
-    model, opt, sched, loss_fn, x, y, p: TrainParams, *, augment=None, bar: str | None = None
+    model, opt, sched, loss_fn, x, y, p: TrainParams, *, augment=None, outliers=None, bar=None
 ) -> tuple[float, float]:
-    """One pass over (x, y) in a fresh random order; returns (mean loss, accuracy)."""
+    """One pass over (x, y) in a fresh random order; returns the digits' (mean loss, accuracy).
+    With `outliers`, each batch also gets `p.outliers.share` of its size in non-digits drawn
+    from them (augmented like the digits), whose loss is the cross-entropy to the uniform
+    distribution, "no digit more than another" (outlier exposure, Hendrycks et al. 2019)."""
     model.train()
     n = len(x)
     perm = torch.randperm(n, device=x.device)
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    batches = tqdm(
-        perm.split(p.batch_size), desc=bar, unit="batch", disable=True if bar is None else None
-    )
+    batches = tqdm(perm.split(p.batch_size), desc=bar, unit="batch", disable=not bar or None)
     for i, idx in enumerate(batches):
         xb, yb = x[idx], y[idx]
+        k = round(p.outliers.share * len(idx)) if outliers is not None else 0
+        if k:
+            xb = torch.cat([xb, outliers[torch.randint(len(outliers), (k,), device=x.device)]])
         if augment is not None:
             xb = augment_batch(xb, augment, p.augment.group_size)
-        logits = model(xb)
-        loss = loss_fn(logits, yb)
+        out = model(xb)
+        logits = out[: len(idx)]
+        digit_loss = loss_fn(logits, yb)
+        loss = digit_loss
+        if k:
+            loss = loss - p.outliers.weight * torch.log_softmax(out[len(idx) :], 1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += digit_loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == yb).sum()
-        if bar is not None and i % 50 == 0:  # reading a value syncs the device: now and then
+        if bar and i % 50 == 0:  # reading a value syncs the device: only now and then
             batches.set_postfix(loss=f"{loss.item():.4f}")
     return loss_sum.item() / n, correct.item() / n
 
@@ -180,7 +193,32 @@ def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return loss, (logits.argmax(1) == y).float().mean().item()
 
 
-def run(params) -> TrainResult:
+def outlier_pool(p: TrainParams, train_x: torch.Tensor) -> torch.Tensor:
+    """The non-digits outlier exposure draws from: `p.outliers.per_kind` of every kind in
+    digits.outliers' training set (its fonts and seed, never the suite's; its inverted digits
+    are training digits)."""
+    import numpy as np
+
+    from digits import outliers
+
+    sets = outliers.outlier_set("train", p.outliers.per_kind, train_x.numpy(), seed=p.seed)
+    return torch.from_numpy(np.concatenate(list(sets.values())))
+
+
+def calibrate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, refuse: float) -> dict:
+    """The model file's calibration, chosen on the validation split: the temperature that
+    minimises the validation NLL (digits.calibration), then the refusal threshold below which
+    `refuse` of the validation digits' calibrated best probabilities fall (digits.ood)."""
+    from digits import calibration, ood
+    from digits.inference import calibrated
+
+    logits = predict_logits(model, val_x).numpy()
+    temperature = calibration.fit_temperature(logits, val_y.numpy())
+    threshold = ood.threshold_for(ood.score(calibrated(logits, temperature)), refuse)
+    return {"temperature": temperature, "threshold": threshold, "score": "max_probability"}
+
+
+def run(params: Params) -> TrainResult:
     """The `train` stage: processed train/val data -> model file + per-epoch history, with the
     MLflow run open (and updated every epoch) while it trains."""
     from digits import tracking
@@ -198,14 +236,21 @@ def run(params) -> TrainResult:
     ckpt = Checkpoint(repo_root() / ".checkpoints" / f"train-{key[:16]}.safetensors", key)
     state = ckpt.load()
     splits = tracking.TrainingData(sha256=digest, train_rows=len(data[0]), val_rows=len(data[2]))
+    pool = outlier_pool(p, data[0]) if p.outliers.enabled else None
     with tracking.training_run(params, splits, resume_run=state.run_id if state else "") as live:
         ckpt.run_id = live.run_id
         if state is not None:
             live.log_epochs([Epoch(**row) for row in state.history])  # any the kill cut off
-        result = train(p, data, checkpoint=ckpt, on_epoch=live.log_epoch)
-        save_model(result.model, MODEL, p.hidden_sizes, p.dropout)
+        result = train(p, data, outliers=pool, checkpoint=ckpt, on_epoch=live.log_epoch)
+        calibration = calibrate(result.model, data[2], data[3], p.refuse_val_share)
+        save_model(result.model, MODEL, p.hidden_sizes, p.dropout, calibration)
         write_history(HISTORY, result.history)
-        live.trained(result, device=resolve_device(p.device), model_sha256=file_digest(MODEL))
+        live.trained(
+            result,
+            device=resolve_device(p.device),
+            model_sha256=file_digest(MODEL),
+            calibration=calibration,
+        )
     ckpt.remove()  # done: nothing left that a later run could resume by mistake
     last = result.history[-1]
     print(f"train: {MODEL} written; val accuracy {last.val_accuracy:.4f}")

@@ -1,11 +1,15 @@
 // The drawing page: pointer events (mouse, pen and touch alike) draw dark ink on white; when a
-// stroke ends the canvas goes to POST /predict as a PNG, and the answer fills the bars and the
-// 28x28 preview. The server does all the preprocessing, the same as `digits predict`.
+// stroke ends the canvas goes to POST /predict as a PNG, and the answer fills the bars, the
+// 28x28 previews and, for a number, the boxes of its digits over the pad. The server does all
+// the preprocessing and the cutting into digits, the same as `digits predict`.
 "use strict";
 
 const pad = document.getElementById("pad");
 const ctx = pad.getContext("2d");
-const seen = document.getElementById("seen").getContext("2d");
+const seenCanvas = document.getElementById("seen");
+const seen = seenCanvas.getContext("2d");
+const boxes = document.getElementById("boxes").getContext("2d");
+let placed = { scale: 1, dx: 0, dy: 0 }; // how the last picture sent sits on the pad
 const digitEl = document.getElementById("digit");
 const confidenceEl = document.getElementById("confidence");
 const statusEl = document.getElementById("status");
@@ -41,7 +45,8 @@ function resetAnswer() {
     b.value.textContent = "–";
     b.li.classList.remove("top");
   }
-  seen.clearRect(0, 0, 28, 28);
+  seen.clearRect(0, 0, seenCanvas.width, seenCanvas.height);
+  boxes.clearRect(0, 0, pad.width, pad.height);
 }
 
 // --- drawing ---------------------------------------------------------------------------------
@@ -88,6 +93,7 @@ pad.addEventListener("pointermove", (e) => {
 function endStroke() {
   if (!drawing) return;
   drawing = false;
+  placed = { scale: 1, dx: 0, dy: 0 }; // the pad itself is sent: its pixels are the picture's
   pad.toBlob((blob) => send(blob, "image/png", "your drawing"), "image/png");
 }
 pad.addEventListener("pointerup", endStroke);
@@ -118,6 +124,7 @@ function showPicture(file) {
     const s = Math.min(pad.width / img.width, pad.height / img.height);
     const w = img.width * s, h = img.height * s;
     ctx.drawImage(img, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+    placed = { scale: s, dx: (pad.width - w) / 2, dy: (pad.height - h) / 2 };
     URL.revokeObjectURL(url);
   };
   img.onerror = () => URL.revokeObjectURL(url);
@@ -152,28 +159,83 @@ function fail(message) {
 }
 
 function show(data, what) {
-  const p = data.probabilities;
-  digitEl.textContent = String(data.digit);
-  confidenceEl.textContent = `${(100 * p[data.digit]).toFixed(1)}% sure`;
-  bars.forEach((b, d) => {
-    b.bar.style.width = `${(100 * p[d]).toFixed(1)}%`;
-    b.value.textContent = `${(100 * p[d]).toFixed(1)}%`;
-    b.li.classList.toggle("top", d === data.digit);
-  });
-  drawSeen(data.image);
-  digitEl.dataset.state = "done";
-  digitEl.dataset.answers = String(Number(digitEl.dataset.answers) + 1);
-  setStatus(`The model reads ${what} as ${data.digit}.`);
+  const pct = (v) => `${(100 * v).toFixed(1)}%`;
+  const pieces = data.digits;
+  if (pieces.length > 1) return showNumber(data, what, pct);
+  // one digit; digit null: not a digit (with a best guess, or none for a blank image)
+  const p = data.probabilities || Array(10).fill(0);
+  const refused = data.digit === null;
+  digitEl.textContent = refused ? "not a digit" : String(data.digit);
+  digitEl.dataset.refused = String(refused);
+  if (!refused) confidenceEl.textContent = `${pct(data.confidence)} sure`;
+  else if (data.guess === null) confidenceEl.textContent = "no ink";
+  else confidenceEl.textContent = `best guess ${data.guess}, ${pct(data.confidence)}`;
+  fillBars(p, refused ? null : data.digit, pct);
+  drawSeen(data.images);
+  drawBoxes(pieces);
+  done(refused ? `The model says ${what} is not a digit.` : `The model reads ${what} as ${data.digit}.`);
 }
 
-function drawSeen(rows) {
-  // light ink on black, as the model sees it (and as MNIST stores digits)
-  const pixels = seen.createImageData(28, 28);
-  rows.flat().forEach((v, i) => {
-    const g = Math.round(255 * v);
-    pixels.data.set([g, g, g, 255], 4 * i);
+function showNumber(data, what, pct) {
+  // the number, "?" where a piece is not a digit; the bars are the first digit's
+  digitEl.textContent = data.reading;
+  digitEl.dataset.refused = String(data.number === null);
+  confidenceEl.textContent = data.digits
+    .map((d) => (d.digit === null ? `not a digit (best guess ${d.guess}, ${pct(d.confidence)})` : `${d.digit} ${pct(d.confidence)}`))
+    .join(", ");
+  fillBars(data.digits[0].probabilities, data.digits[0].digit, pct);
+  drawSeen(data.images);
+  drawBoxes(data.digits);
+  done(data.number === null
+    ? `The model reads ${what} as ${data.reading}: "?" is not a digit.`
+    : `The model reads ${what} as ${data.number}.`);
+}
+
+function fillBars(p, top, pct) {
+  bars.forEach((b, d) => {
+    b.bar.style.width = pct(p[d]);
+    b.value.textContent = pct(p[d]);
+    b.li.classList.toggle("top", d === top);
   });
-  seen.putImageData(pixels, 0, 0);
+}
+
+function done(message) {
+  digitEl.dataset.state = "done";
+  digitEl.dataset.answers = String(Number(digitEl.dataset.answers) + 1);
+  setStatus(message);
+}
+
+function drawBoxes(pieces) {
+  // each digit's box (the picture's pixels), mapped onto the pad as the picture was placed
+  boxes.clearRect(0, 0, pad.width, pad.height);
+  if (pieces.length < 2) return;
+  boxes.lineWidth = 2;
+  pieces.forEach((d) => {
+    const [top, left, bottom, right] = d.box;
+    const s = placed.scale;
+    boxes.strokeStyle = d.digit === null ? "#c0392b" : "#2f6fde";
+    boxes.strokeRect(placed.dx + left * s - 3, placed.dy + top * s - 3, (right - left) * s + 6, (bottom - top) * s + 6);
+    boxes.fillStyle = boxes.strokeStyle;
+    boxes.font = "bold 14px system-ui, sans-serif";
+    boxes.fillText(d.digit === null ? "?" : String(d.digit), placed.dx + left * s, placed.dy + top * s - 6);
+  });
+}
+
+function drawSeen(images) {
+  // light ink on black, as the model sees it (and as MNIST stores digits), side by side
+  const k = Math.max(images.length, 1);
+  const shown = Math.min(112 * k, 336); // on screen: 4x a digit, at most three digits' width
+  seenCanvas.width = 28 * k;
+  seenCanvas.style.width = `${shown}px`;
+  seenCanvas.style.height = `${shown / k}px`;
+  images.forEach((rows, k) => {
+    const pixels = seen.createImageData(28, 28);
+    rows.flat().forEach((v, i) => {
+      const g = Math.round(255 * v);
+      pixels.data.set([g, g, g, 255], 4 * i);
+    });
+    seen.putImageData(pixels, 28 * k, 0);
+  });
 }
 
 fetch("health")
