@@ -36,9 +36,9 @@ import yaml
 from digits.config import Params, flat_params, load_params, parse_params
 from digits.errors import DigitsError
 from digits.files import repo_root
+from digits.tracking import SWEEP_ENV
 
 SPACE_FILE = "sweep.yaml"
-SWEEP_ENV = "DIGITS_SWEEP"  # JSON handed to the trial's train stage: its MLflow parent and tags
 # seconds between a running trial's heartbeats, and after which a silent one is failed (its
 # worker died): the environment may say otherwise (the tests wait less)
 HEARTBEAT = int(os.environ.get("DIGITS_SWEEP_HEARTBEAT", "10"))

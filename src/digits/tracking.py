@@ -135,11 +135,14 @@ def _mark_training_experiment(store: Store) -> None:
             client.set_experiment_tag(store.experiment_id, key, value)
 
 
+# JSON that `digits sweep` hands a trial's train stage: its MLflow parent run and tags. It lives
+# here, not in sweep.py, so that the stages do not depend on the sweep's code.
+SWEEP_ENV = "DIGITS_SWEEP"
+
+
 def sweep_tags() -> dict[str, str]:
     """A `digits sweep` trial's run (the sweep hands it SWEEP_ENV): a child of the study's
     parent run, tagged with the study, the trial's number and the worker that ran it."""
-    from digits.sweep import SWEEP_ENV
-
     raw = os.environ.get(SWEEP_ENV)
     if not raw:
         return {}
