@@ -14,6 +14,7 @@ import yaml
 
 from helpers import (
     SHORT_RUN_GATES,
+    SMALL_OUTLIERS,
     dvc,
     git,
     make_project,
@@ -48,6 +49,7 @@ def repro(tmp_path_factory, mnist_http):
             "gates.min_class_recall": 0.9,
             "gates.max_loss": 0.5,
             **SHORT_RUN_GATES,
+            **SMALL_OUTLIERS,
         },
     )
     git(project, "commit", "-qam", "short run")

@@ -41,6 +41,9 @@ CREDENTIALS = {  # moto takes any; a real bucket takes the team's (docs/team.md)
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # botocore's default, 5 attempts with backoff, made every call to the stopped S3 take
+    # seconds, on the server and in DVC: moto on 127.0.0.1 needs no retry
+    "AWS_MAX_ATTEMPTS": "1",
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DVC_BUCKET, MLFLOW_BUCKET = "digits-dvc", "digits-mlflow"
