@@ -246,8 +246,12 @@ def test_drawing_and_uploading_in_chromium(server, mnist_test, tmp_path):
 
         # a number: a 4 and a 2 side by side, read as one number with a box for each
         driver.find_element(By.ID, "clear").click()
+        # each stroke is sent when it ends, and the page drops an answer overtaken by a newer
+        # stroke's: wait for each one, as a person drawing at human speed would
         draw(driver, pad, [(-95, -80), (-115, 15), (-30, 15)])  # the 4's slant and bar
+        answer_after(driver, 4)
         draw(driver, pad, [(-55, -70), (-55, 90)])  # its stem
+        answer_after(driver, 5)
         draw(driver, pad, [(25, -55), (55, -80), (90, -55), (85, -20), (20, 75), (100, 75)])
         assert answer_after(driver, 6) == "42"
         assert "reads your drawing as 42" in driver.find_element(By.ID, "status").text
