@@ -1,12 +1,14 @@
 """Using the champion: how fast `digits predict` starts, how long one picture takes, and how much
 load the page's endpoint holds, for a photo of one digit and one of a 4-digit number.
 
-  1. one `digits predict PHOTO` process from start to end: the first ever (the model fetched
-     from the store through MLflow) and a later one (digits.model_cache: no MLflow import);
+  1. one `digits predict PHOTO` process from start to end, with an empty model cache (the
+     first ever) and again, against the floor: a Python that only imports numpy and Pillow;
   2. in this process, the model loaded: reading, cutting and predicting one picture;
   3. `digits app` on 127.0.0.1 under load: C clients at once (threads, kept-alive connections),
-     each POSTing JPEG photos to /predict: requests/s, p50 and p99 latency, errors; and bad
-     bodies sent among them, which must get a 4xx while the rest is served.
+     each POSTing JPEG photos to /predict: requests/s, p50 and p99 latency, errors; the page's
+     requests (?images=true); bad bodies sent among them, which must get a 4xx while the rest
+     is served; and the ceiling: the same clients on GET /health, which does no work (what the
+     HTTP layer and the load generator alone allow on these cores).
 
 The pictures are MNIST test digits made to look like photos (digits.strips). The model is
 --model (default: the champion) in the configured store (MLFLOW_TRACKING_URI, else mlflow.db at
@@ -54,7 +56,20 @@ def ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(np.array(seconds) * 1000, q))
 
 
-def cold(model: str, picture: Path, cache: Path) -> float:
+def drop_page_cache() -> bool:
+    """Empty the OS page cache (root only): the next start reads every file from disk, as the
+    first command after a boot does. False where it cannot be done."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def cold(model: str, picture: Path, cache: Path, drop: bool = False) -> float | None:
+    if drop and not drop_page_cache():
+        return None
     t0 = time.perf_counter()
     out = subprocess.run(
         [DIGITS, "predict", "--model", model, str(picture)],
@@ -64,6 +79,13 @@ def cold(model: str, picture: Path, cache: Path) -> float:
     took = time.perf_counter() - t0
     assert out.returncode == 0, out.stderr.decode()
     return took
+
+
+def floor_start() -> float:
+    """A Python process that imports numpy and Pillow and exits: what any start costs."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import numpy, PIL.Image"], check=True)
+    return time.perf_counter() - t0
 
 
 def start_app(model: str, log: Path, workers: int | None) -> tuple[subprocess.Popen, int]:
@@ -82,8 +104,16 @@ def start_app(model: str, log: Path, workers: int | None) -> tuple[subprocess.Po
     sys.exit(f"benchmark: digits app did not start:\n{log.read_text()}")
 
 
-def load(port: int, bodies: list[bytes], clients: int, total: int, bad_every: int = 0) -> dict:
-    """`clients` threads POST `total` requests in all; every `bad_every`-th is a bad body."""
+def load(
+    port: int,
+    bodies: list[bytes] | None,
+    clients: int,
+    total: int,
+    bad_every: int = 0,
+    path: str = "/predict",
+) -> dict:
+    """`clients` threads POST `total` requests in all to `path` (GET when `bodies` is None);
+    every `bad_every`-th is a bad body."""
     times: list[float] = []
     statuses: list[int] = []
     lock = threading.Lock()
@@ -97,9 +127,12 @@ def load(port: int, bodies: list[bytes], clients: int, total: int, bad_every: in
             if i is None:
                 break
             bad = bad_every and i % bad_every == bad_every - 1
-            body = b"not an image at all" if bad else bodies[i % len(bodies)]
             t0 = time.perf_counter()
-            conn.request("POST", "/predict", body, {"Content-Type": "image/jpeg"})
+            if bodies is None:
+                conn.request("GET", path)
+            else:
+                body = b"not an image at all" if bad else bodies[i % len(bodies)]
+                conn.request("POST", path, body, {"Content-Type": "image/jpeg"})
             response = conn.getresponse()
             response.read()
             took = time.perf_counter() - t0
@@ -144,7 +177,9 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "one.jpg").write_bytes(one[0])
         (tmp / "four.jpg").write_bytes(four[0])
+        floor = [floor_start() for _ in range(3)]
         first = cold(model_uri, tmp / "one.jpg", tmp / "cache")
+        disk = [cold(model_uri, tmp / "one.jpg", tmp / f"cache{i}", drop=True) for i in range(3)]
         again = [cold(model_uri, tmp / "one.jpg", tmp / "cache") for _ in range(3)]
         again4 = [cold(model_uri, tmp / "four.jpg", tmp / "cache") for _ in range(3)]
 
@@ -165,17 +200,32 @@ def main() -> None:
             for clients in args.clients:
                 rows.append(("one digit", clients, load(port, one, clients, args.requests)))
             rows.append(("4 digits", 8, load(port, four, 8, args.requests)))
+            page = load(port, one, 8, args.requests, path="/predict?images=true")
+            rows.append(("one digit, as the page asks (with the images)", 8, page))
             rows.append(("one digit, 1 in 10 bad", 8, load(port, one, 8, args.requests, 10)))
+            rows.append(
+                (
+                    "ceiling: GET /health (no work)",
+                    8,
+                    load(port, None, 8, args.requests, path="/health"),
+                )
+            )
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
     print(f"\nmodel {model_uri}; load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores\n")
     print(
-        f"`digits predict one.jpg`, one process: first ever {first:.2f} s (fetched through "
-        f"MLflow); then {min(again):.2f}-{max(again):.2f} s (cached); a 4-digit photo "
-        f"{min(again4):.2f}-{max(again4):.2f} s"
+        f"`digits predict one.jpg`, one process: first ever (empty model cache) {first:.2f} s; "
+        f"then {min(again):.2f}-{max(again):.2f} s; a 4-digit photo "
+        f"{min(again4):.2f}-{max(again4):.2f} s; the floor (python importing numpy and Pillow) "
+        f"{min(floor):.2f}-{max(floor):.2f} s"
     )
+    if None not in disk:
+        print(
+            f"the same first-ever call with the OS page cache emptied first (every file read "
+            f"from disk, as after a boot): {min(disk):.2f}-{max(disk):.2f} s"
+        )
     print("\n| in this process, model loaded | p50 ms | p99 ms |\n| --- | ---: | ---: |")
     for name, seconds in local.items():
         print(f"| read, cut and predict: {name} | {ms(seconds, 50):.2f} | {ms(seconds, 99):.2f} |")

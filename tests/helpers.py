@@ -100,6 +100,12 @@ def run(
     return proc
 
 
+def imported(stderr: str) -> set[str]:
+    """The modules a process imported, from its stderr under PYTHONPROFILEIMPORTTIME=1."""
+    marked = (line for line in stderr.splitlines() if line.startswith("import time:"))
+    return {line.split("|")[-1].strip() for line in marked}
+
+
 def git(root: Path, *args: str, check: bool = True) -> str:
     """stdout of `git ARGS` in `root`, stripped: the one way tests run git."""
     return run(["git", *args], root, check=check).stdout.strip()
@@ -296,7 +302,6 @@ def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> 
     import mlflow
     import torch
 
-    from digits import serving
     from digits.config import TrainParams
     from digits.data import read_pair, split
     from digits.inference import Classifier
@@ -319,8 +324,7 @@ def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> 
     mlflow.set_tracking_uri(uri)  # also sets the env var: restored below
     try:
         exp = mlflow.create_experiment("tests", artifact_location=(store / "mlartifacts").as_uri())
-        with mlflow.start_run(experiment_id=exp):
-            version = serving.log_and_register(weights, name)
+        version = register(uri, exp, weights, name)
         mlflow.MlflowClient(uri).set_registered_model_alias(name, "champion", version)
         model_uri = f"models:/{name}@champion"
         pyfunc = mlflow.pyfunc.load_model(model_uri)
@@ -335,6 +339,22 @@ def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> 
         "classifier": Classifier.from_file(weights),
         "env": {"MLFLOW_TRACKING_URI": uri},
     }
+
+
+def register(store_uri: str, experiment_id: str, weights: Path, name: str) -> str:
+    """Log and register `weights` as a new version of `name` as the evaluate stage does (a
+    pyfunc over the weights file, tagged with its sha256); returns the version."""
+    import mlflow
+
+    from digits import registry, serving
+    from digits.model_cache import sha256
+
+    mlflow.set_tracking_uri(store_uri)
+    with mlflow.start_run(experiment_id=experiment_id):
+        version = serving.log_and_register(weights, name)
+    client = mlflow.MlflowClient(store_uri)
+    client.set_model_version_tag(name, version, registry.MODEL_TAG, sha256(weights))
+    return version
 
 
 def served_probabilities(table) -> np.ndarray:

@@ -115,8 +115,11 @@ def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
     for i in range(20):
         fmt = "JPEG" if i % 2 else "PNG"
         body = photo_like(x[i], rng, fmt)
-        status, answer = request(server + "predict", body, f"image/{fmt.lower()}")
+        status, answer = request(server + "predict?images=true", body, f"image/{fmt.lower()}")
         assert status == 200, answer
+        # without ?images, the JSON of `digits predict --json` alone (no "file")
+        status, plain = request(server + "predict", body, f"image/{fmt.lower()}")
+        assert plain == {k: v for k, v in answer.items() if k not in ("images", "image")}
         assert len(answer["probabilities"]) == 10
         assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
         assert answer["guess"] == int(np.argmax(answer["probabilities"]))
@@ -127,6 +130,22 @@ def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
         np.testing.assert_allclose(seen.ravel(), preprocess(read_image(body)), atol=6e-4)
         right += answer["digit"] == y[i]
     assert right >= 18
+
+
+def test_a_big_photo_is_read_too(server, mnist_test):
+    """A picture past INLINE_BYTES is read in a thread rather than the event loop: the same
+    answer."""
+    from digits.app import INLINE_BYTES
+
+    x, y = mnist_test
+    photo = Image.open(io.BytesIO(photo_like(x[3], np.random.default_rng(1)))).convert("L")
+    photo = photo.resize((1000, 1000), Image.Resampling.BICUBIC)
+    grain = np.random.default_rng(2).integers(-4, 5, (1000, 1000))
+    photo = Image.fromarray(np.clip(np.asarray(photo, int) + grain, 0, 255).astype(np.uint8))
+    body = png_bytes(photo)
+    assert len(body) > INLINE_BYTES
+    status, answer = request(server + "predict", body, "image/png")
+    assert status == 200 and answer["digit"] == y[3], answer
 
 
 def test_a_letter_and_a_blank_page_are_not_digits(server):

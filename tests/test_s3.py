@@ -25,6 +25,7 @@ from helpers import (
     SHORT_RUN,
     dvc,
     git,
+    imported,
     make_project,
     missing,
     mnist_dir,
@@ -232,6 +233,13 @@ def test_teammate_without_s3_access_loads_the_champion_from_s3(alice, team, tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)["digit"] == 7, out.stdout
     assert os.listdir(folder) == []  # nothing written where she stands
+    # again: the server asked which version @champion is (one GET), its weights from her model
+    # cache by their registered sha256, and no MLflow import
+    again = _predict(folder, {**env, "PYTHONPROFILEIMPORTTIME": "1"}, image)
+    assert again.returncode == 0 and json.loads(again.stdout) == json.loads(out.stdout)
+    modules = imported(again.stderr)
+    assert "digits.resolve" in modules and not {m for m in modules if m.startswith("mlflow")}
+    assert os.listdir(Path(env["HOME"]) / ".cache/digits/models")
 
 
 @pytest.mark.slow

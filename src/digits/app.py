@@ -4,10 +4,13 @@ thinks: the ten probabilities and the 28x28 image it was given.
 One FastAPI app served by uvicorn on 127.0.0.1. The page is plain HTML/JS/CSS from
 `digits/static` (nothing from a CDN). `POST /predict` takes the image's bytes as the body,
 with an `image/*` Content-Type (no multipart form, so no extra parser), and runs the same
-`preprocess` as `digits predict`. A bad request gets a 4xx whose JSON `detail` says what was
-wrong, and the server goes on serving.
+`preprocess` and cutting into digits as `digits predict`, and answers with the JSON of
+`digits predict --json`; `?images=true` adds what the model saw of each piece (the page asks
+for it). A bad request gets a 4xx whose JSON `detail` says what was wrong, and the server goes
+on serving.
 
-Only the `digits app` handler imports this module; mlflow and torch load with the model."""
+Only the `digits app` handler imports this module. No torch; MLflow only where
+digits.predict.load_model needs it to download the model."""
 
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ STATIC = files("digits") / "static"
 # Past MAX_BYTES a body is read and dropped (not kept) so the client can finish sending and
 # read the 413; past this much more, the connection is simply closed.
 DRAIN_LIMIT = 4 * MAX_BYTES
+INLINE_BYTES = 256 * 1024  # bodies up to this size are read in the event loop (a phone photo
+# of a digit, cropped, or a drawing: tens of KiB); bigger ones in a thread
 
 
 async def read_body(request: Request) -> bytes:
@@ -68,19 +73,22 @@ def create_app(model, model_uri: str) -> FastAPI:
     def health() -> dict:
         return {"status": "ok", "model": model_uri}
 
-    def answer(body: bytes, name: str) -> dict:
-        """The model's answer, as `digits predict --json` gives it (a digit, or a number and
-        its pieces with their boxes), and what the model saw of each piece."""
+    def answer(body: bytes, name: str, images: bool) -> bytes:
+        """The model's answer as JSON, as `digits predict --json` gives it (a digit, or a
+        number and its pieces with their boxes); with `images`, also what the model saw of
+        each piece (the page shows it: 784 numbers a piece, most of the answer's bytes)."""
         (reading,) = read_all(model, [(read_image(body, name), name)])
         record = reading_record(name, reading)
         del record["file"]
-        seen = [np.round(p.image.reshape(ROWS, COLS), 3).tolist() for p in reading.pieces]
-        record["images"] = seen  # what the model saw, piece by piece
-        record["image"] = seen[0] if seen else np.zeros((ROWS, COLS)).tolist()
-        return record
+        if images:
+            seen = [np.round(p.image.reshape(ROWS, COLS), 3).tolist() for p in reading.pieces]
+            record["images"] = seen  # piece by piece
+            record["image"] = seen[0] if seen else np.zeros((ROWS, COLS)).tolist()
+        # serialised here, in C: FastAPI's encoder walks every number in Python
+        return json.dumps(record).encode()
 
     @app.post("/predict")
-    async def predict(request: Request) -> Response:
+    async def predict(request: Request, images: bool = False) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request)  # read even when refused: the client gets the answer
         if not kind.startswith("image/"):
@@ -92,11 +100,18 @@ def create_app(model, model_uri: str) -> FastAPI:
         if not body:
             raise HTTPException(400, "empty body: expected the image's bytes")
         try:
-            record = await run_in_threadpool(answer, body, "the upload")
+            # A small picture is read in the event loop: a worker does one request's Python
+            # at a time anyway (the GIL), and the hop to a thread and back cost more than the
+            # reading (1,100 against 750 requests/s, docs/performance.md). A big one goes to a
+            # thread, so that its seconds of decoding (Pillow lets go of the GIL) do not hold
+            # up the small requests behind it.
+            if len(body) <= INLINE_BYTES:
+                data = answer(body, "the upload", images)
+            else:
+                data = await run_in_threadpool(answer, body, "the upload", images)
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
-        # serialised here, in C: FastAPI's encoder walks every number of the images in Python
-        return Response(json.dumps(record), media_type="application/json")
+        return Response(data, media_type="application/json")
 
     return app
 
@@ -121,14 +136,25 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-MODEL_ENV = "DIGITS_APP_MODEL"  # the model URI, handed to the worker processes
+# handed to the worker processes: the version the parent loaded, and the URI the user gave
+MODEL_ENV, SHOWN_ENV = "DIGITS_APP_MODEL", "DIGITS_APP_MODEL_SHOWN"
 
 
 def worker_app() -> FastAPI:
     """The app of one worker process (uvicorn imports this by name in each): its own copy of
-    the model, from digits.model_cache (the parent has just fetched it)."""
-    uri = os.environ[MODEL_ENV]
-    return create_app(load_model(uri), uri)
+    the model the parent loaded (read in place, or from digits.model_cache)."""
+    return create_app(load_model(os.environ[MODEL_ENV]), os.environ[SHOWN_ENV])
+
+
+def pinned(uri: str) -> str:
+    """`models:/<name>/<version>` for the version an alias names now (digits.resolve), so that
+    every worker serves the version the parent loaded even if the alias moves meanwhile; the
+    URI itself where the store cannot be asked directly."""
+    from digits import resolve
+    from digits.store import tracking_uri
+
+    found = resolve.lookup(tracking_uri(), uri)
+    return f"models:/{found.name}/{found.version}" if found else uri
 
 
 def main(args) -> int:
@@ -137,11 +163,13 @@ def main(args) -> int:
     runs one request's preprocessing at a time per process)."""
     sock = listen(args.host, args.port)  # first: a taken port fails before seconds of loading
     uri = args.model or champion_uri()
-    model = load_model(uri)  # here first: a bad URI fails once, with one line
+    version = pinned(uri)
+    model = load_model(version)  # here first: a bad URI fails once, with one line
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     workers = args.workers or min(os.cpu_count() or 1, 4)
-    print(f"digits app: {uri} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
+    which = f"{uri} ({version})" if version != uri else uri
+    print(f"digits app: {which} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
     print(f"digits app: ready, {workers} worker(s)", flush=True)
     if workers == 1:
         config = uvicorn.Config(create_app(model, uri), log_level="warning")
@@ -149,7 +177,7 @@ def main(args) -> int:
         return 0
     from uvicorn.supervisors import Multiprocess
 
-    os.environ[MODEL_ENV] = uri
+    os.environ[MODEL_ENV], os.environ[SHOWN_ENV] = version, uri
     config = uvicorn.Config(
         "digits.app:worker_app", factory=True, workers=workers, log_level="warning"
     )

@@ -1,24 +1,25 @@
-"""The weights of the models `digits predict` and `digits app` load, kept on this machine between
-commands, so that a command that only reads a picture does not import MLflow (more than a
-second) to ask the store what it answered a moment ago.
+"""The weights files of registered versions that `digits predict` and `digits app` downloaded,
+kept on this machine by their content: `$XDG_CACHE_HOME/digits/models/<sha256>.safetensors`
+(default ~/.cache).
 
-An entry is used only while nothing can have changed: its store is a SQLite file whose size and
-modification time are as they were when the entry was written (any write to the store, an alias
-moved for one, changes them), and its weights file still has the sha256 it was written with.
-Otherwise the model is resolved through MLflow as usual and the entry written again. A tracking
-server gives no such guarantee cheaply: its models always go through MLflow. The cache lives in
-$XDG_CACHE_HOME/digits/models (default ~/.cache); deleting it is always safe. Standard library
-only."""
+Which version a URI names is asked of the store every time (digits.resolve: milliseconds, no
+MLflow import); only the bytes are kept, under the sha256 the version was registered with. So
+the cache can never answer with an old version: an alias that moved names another sha256, a
+file whose bytes no longer match its name is ignored, and deleting the folder is always safe.
+A version of a local store is read in place and not copied here; this is for the versions a
+tracking server or an object store holds. Standard library only."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from digits.files import atomic_path
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_dir() -> Path:
@@ -26,68 +27,30 @@ def cache_dir() -> Path:
     return Path(base) / "digits" / "models"
 
 
-def _entry(store: str, uri: str) -> Path:
-    key = hashlib.sha256(f"{store}\0{uri}".encode()).hexdigest()[:24]
-    return cache_dir() / key
-
-
-def _stamp(db: Path) -> list[int] | None:
-    try:
-        st = db.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def lookup(store: str, db: Path | None, uri: str) -> Path | None:
-    """The cached weights of `uri` in `store` (a SQLite store whose file is `db`), or None."""
-    if db is None:
+def get(digest: str) -> Path | None:
+    """The kept weights file whose sha256 is `digest`, or None."""
+    if not _SHA256.fullmatch(digest):
         return None
-    entry = _entry(store, uri)
+    path = cache_dir() / f"{digest}.safetensors"
     try:
-        record = json.loads((entry / "entry.json").read_text())
-    except (OSError, ValueError):
+        return path if sha256(path) == digest else None
+    except OSError:
         return None
-    weights = entry / "model.safetensors"
-    now = _stamp(db)
-    if now is None or record.get("stamp") != now or not weights.is_file():
-        return None
-    if _sha256(weights) != record.get("sha256"):
-        return None
-    return weights
 
 
-def stamp(db: Path | None) -> list[int] | None:
-    """The store file's state, taken before resolving a model through MLflow (`remember`)."""
-    return _stamp(db) if db is not None else None
-
-
-def remember(
-    store: str, db: Path | None, uri: str, weights: Path, before: list[int] | None
-) -> None:
-    """Keep `weights` as what `uri` in `store` resolved to, if the store file is still as it
-    was `before` the resolution (else a write may have moved the alias meanwhile). Never fails
+def keep(weights: Path, digest: str) -> None:
+    """Keep a copy of `weights`, whose sha256 the caller has checked is `digest`. Never fails
     the command: a cache that cannot be written is simply not there next time."""
-    now = stamp(db)
-    if now is None or now != before:
+    if not _SHA256.fullmatch(digest):
         return
-    entry = _entry(store, uri)
     try:
-        entry.mkdir(parents=True, exist_ok=True)
-        with atomic_path(entry / "model.safetensors") as tmp:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_dir() / f"{digest}.safetensors") as tmp:
             shutil.copyfile(weights, tmp)
-        record = {
-            "store": store,
-            "uri": uri,
-            "stamp": now,
-            "sha256": _sha256(entry / "model.safetensors"),
-        }
-        with atomic_path(entry / "entry.json") as tmp:
-            tmp.write_text(json.dumps(record))
     except OSError:
         return

@@ -3,8 +3,9 @@
 Each image is first made to look like an MNIST digit (digits.imaging), then run through the
 model as the registered version serves it (digits.inference).
 
-This module is imported by the CLI's handler only; mlflow loads inside `load_model`, and torch
-not at all (digits.inference runs the model in numpy)."""
+This module is imported by the CLI's handler only. Torch is never imported (digits.inference
+runs the model in numpy), and MLflow only where the store cannot be asked directly
+(digits.resolve) or a version's weights must be downloaded."""
 
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ def champion_uri(params_file: str | Path = "params.yaml") -> str:
 def load_model(uri: str | None = None):
     """The model at `uri` (a registry URI, runs:/ URI or folder; default: the champion) in the
     configured store, ready to predict: its weights file read by digits.inference (no code
-    from the registry runs; digits.model_cache keeps it between commands), or, for a version
-    of an earlier format, the pyfunc model.
+    from the registry runs), or, for a version of an earlier format, the pyfunc model.
+
+    Which version a `models:/` URI names is asked of the store directly (digits.resolve: no
+    MLflow import); its weights are then read in place (a local store), from digits.model_cache
+    (downloaded before) or downloaded through MLflow, and must have the sha256 the version was
+    registered with. Other URIs go through MLflow.
 
     Returns an object with `probabilities((N, 784) float32) -> (N, 10)`."""
-    from digits import model_cache
-    from digits.inference import weights_in
-    from digits.store import client_defaults, first_line, sqlite_path, tracking_uri
+    from digits import model_cache, resolve
+    from digits.inference import Classifier, weights_in
+    from digits.store import client_defaults, sqlite_path, tracking_uri
 
     client_defaults()
     uri = uri or champion_uri()
@@ -53,19 +58,40 @@ def load_model(uri: str | None = None):
             f"no MLflow store at {db}: train a model first (`dvc repro`), or set "
             "MLFLOW_TRACKING_URI to the store holding it"
         )
-    from digits.inference import Classifier
-
     if Path(uri).is_dir():
-        local = Path(uri)
-    else:
-        cached = model_cache.lookup(store, db, uri)
-        if cached is not None:  # the store has not changed since: no MLflow import at all
-            return Classifier.from_file(cached)
-        before = model_cache.stamp(db)
-        local = _download(uri, store)
-        weights = weights_in(local)
+        return _from_folder(Path(uri), uri, store)
+    found = resolve.lookup(store, uri)
+    if found is not None:
+        kept = model_cache.get(found.sha256) if found.sha256 else None
+        weights = kept or found.local_weights()
         if weights is not None:
-            model_cache.remember(store, db, uri, weights, before)
+            _check_registered(weights, found, uri, store)
+            return Classifier.from_file(weights)
+    local = _download(uri, store)
+    weights = weights_in(local)
+    if weights is not None and found is not None and found.sha256:
+        _check_registered(weights, found, uri, store)
+        model_cache.keep(weights, found.sha256)
+    return _from_folder(local, uri, store)
+
+
+def _check_registered(weights: Path, found, uri: str, store: str) -> None:
+    """The weights must be the bytes the version was registered from (what the gate scored)."""
+    from digits.model_cache import sha256
+
+    if found.sha256 and (digest := sha256(weights)) != found.sha256:
+        raise DigitsError(
+            f"model {uri} (version {found.version}) in {store}: its weights file {weights} has "
+            f"sha256 {digest[:12]}..., but the version was registered from {found.sha256[:12]}"
+            "...: it changed after registration; register the model again (`dvc repro`)"
+        )
+
+
+def _from_folder(local: Path, uri: str, store: str):
+    """The model in a downloaded version's folder (or a folder the user named)."""
+    from digits.inference import Classifier, weights_in
+    from digits.store import first_line
+
     weights = weights_in(local)
     if weights is not None:
         return Classifier.from_file(weights)

@@ -44,10 +44,21 @@ class Piece:
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+    """(labels 1..n of the mask's 8-connected pieces, each piece's box as slices). Labelled
+    within the ink's bounding box only: the same pieces, at a fraction of the cost for a
+    picture that is mostly paper (this is most of a request's time on the page)."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    return labels, [s for s in ndimage.find_objects(labels) if s is not None][:n]
+    labels = np.zeros(mask.shape, np.int32)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return labels, []
+    top, left = int(rows[0]), int(cols[0])
+    inner = labels[top : rows[-1] + 1, left : cols[-1] + 1]
+    n = ndimage.label(mask[top : rows[-1] + 1, left : cols[-1] + 1], np.ones((3, 3), bool), inner)
+    found = [s for s in ndimage.find_objects(inner) if s is not None][:n]
+    return labels, [(slice(r.start + top, r.stop + top), slice(c.start + left, c.stop + left))
+                    for r, c in found]  # fmt: skip
 
 
 def _merge(boxes: list[list[int]]) -> list[list[int]]:

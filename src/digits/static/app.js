@@ -138,7 +138,7 @@ async function send(body, type, what) {
   setStatus(`Reading ${what}…`);
   let response, data;
   try {
-    response = await fetch("predict", { method: "POST", headers: { "Content-Type": type }, body });
+    response = await fetch("predict?images=true", { method: "POST", headers: { "Content-Type": type }, body });
     data = await response.json().catch(() => ({}));
   } catch (err) {
     if (id === requestId) fail(`The server did not answer (${err.message}). Is \`digits app\` still running?`);

@@ -1,0 +1,109 @@
+"""digits.resolve and digits.model_cache: the store asked directly which version a URI names must
+answer as MLflow does, at once after an alias moves or a version is deleted, and a version's
+weights must be the bytes it was registered from. A real SQLite store with two real versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from digits import model_cache, resolve
+from digits.errors import DigitsError
+from helpers import register
+
+NAME = "resolve-me"
+
+
+def perturbed(src, dest):
+    """Another model: the champion's weights with the last bias moved (same header)."""
+    from safetensors.numpy import load_file, safe_open, save_file
+
+    tensors = load_file(str(src))
+    with safe_open(str(src), "np") as f:
+        meta = f.metadata()
+    last = max(k for k in tensors if k.endswith(".bias"))
+    tensors[last] = tensors[last] + np.arange(10, dtype=np.float32)
+    save_file(tensors, str(dest), metadata=meta)
+    return dest
+
+
+@pytest.fixture
+def two_versions(champion, tmp_path, monkeypatch):
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # restored after the test
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(store)
+    exp = mlflow.create_experiment("tests", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    files = [champion["weights"], perturbed(champion["weights"], tmp_path / "b.safetensors")]
+    versions = [register(store, exp, w, NAME) for w in files]
+    client = mlflow.MlflowClient(store)
+    client.set_registered_model_alias(NAME, "champion", versions[0])
+    yield {"store": store, "client": client, "files": files, "versions": versions}
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_the_store_answers_as_mlflow_does(two_versions):
+    from digits.app import pinned
+    from digits.inference import Classifier
+    from digits.predict import load_model
+
+    store, client, files = two_versions["store"], two_versions["client"], two_versions["files"]
+    x = np.random.default_rng(0).random((5, 784), dtype=np.float32)
+
+    def check(uri: str, version: str, weights) -> None:
+        found = resolve.lookup(store, uri)
+        assert found is not None and found.version == version, (uri, found)
+        assert found.sha256 == model_cache.sha256(weights)
+        assert found.local_weights().read_bytes() == weights.read_bytes()
+        expected = Classifier.from_file(weights).probabilities(x)
+        np.testing.assert_array_equal(load_model(uri).probabilities(x), expected)
+
+    check(f"models:/{NAME}@champion", "1", files[0])
+    check(f"models:/{NAME}/1", "1", files[0])
+    check(f"models:/{NAME}/2", "2", files[1])
+
+    # digits app's workers load the version the parent loaded, whatever the alias does next
+    assert pinned(f"models:/{NAME}@champion") == f"models:/{NAME}/1"
+    client.set_registered_model_alias(NAME, "champion", "2")  # seen at once
+    check(f"models:/{NAME}@champion", "2", files[1])
+    assert pinned(f"models:/{NAME}@champion") == f"models:/{NAME}/2"
+    assert pinned("runs:/abc/model") == "runs:/abc/model"
+
+    client.delete_model_version(NAME, "2")  # its alias goes with it: left to MLflow to say
+    for uri in (f"models:/{NAME}@champion", f"models:/{NAME}/2"):
+        assert resolve.lookup(store, uri) is None
+        with pytest.raises(DigitsError, match=f"model {uri} in "):
+            load_model(uri)
+    for uri in (f"models:/{NAME}@latest", f"models:/no-such-{NAME}/1", "runs:/abc/model"):
+        assert resolve.lookup(store, uri) is None, uri
+    assert load_model(f"models:/{NAME}@latest").probabilities(x).shape == (5, 10)  # MLflow's
+
+
+@pytest.mark.slow
+def test_weights_changed_after_registration_are_refused(two_versions):
+    from digits.predict import load_model
+
+    found = resolve.lookup(two_versions["store"], f"models:/{NAME}/1")
+    found.local_weights().write_bytes(two_versions["files"][1].read_bytes())
+    with pytest.raises(DigitsError) as e:
+        load_model(f"models:/{NAME}/1")
+    said = str(e.value)
+    assert "\n" not in said and "changed after registration" in said, said
+    assert "version 1" in said and found.sha256[:12] in said
+
+
+def test_the_cache_answers_only_with_the_bytes_it_is_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"some weights")
+    digest = model_cache.sha256(weights)
+    assert model_cache.get(digest) is None
+    model_cache.keep(weights, digest)
+    kept = model_cache.get(digest)
+    assert kept is not None and kept.read_bytes() == b"some weights" and kept != weights
+    kept.write_bytes(b"other bytes")  # no longer what its name says
+    assert model_cache.get(digest) is None
+    assert model_cache.get("../../etc/passwd") is None
