@@ -271,9 +271,22 @@ def test_the_run_lives_while_the_model_trains(tmp_path):
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(project), str(clone))
     clone_env = {**env, "PYTHONPATH": str(clone / "src")}
-    dvc(clone, "repro", env=clone_env)
+    again = dvc(clone, "repro", env=clone_env)
     assert git(clone, "status", "--porcelain") == ""
-    assert len(runs_of(f"sqlite:///{clone / 'mlflow.db'}")) == 1
+    (run,) = runs_of(f"sqlite:///{clone / 'mlflow.db'}")
+    # its gate ran too (the lock alone would have skipped it: its inputs are the same bytes),
+    # so the clone's own version is judged and, on a clean clone, its @champion
+    assert "Running stage 'gate'" in again.stdout, again.stdout[-3000:]
+    assert run.data.tags["gate.verdict"] == "promoted"
+    assert (
+        client_for(f"sqlite:///{clone / 'mlflow.db'}")
+        .get_model_version_by_alias("mnist-mlp", "champion")
+        .run_id
+        == run.info.run_id
+    )
+    assert (clone / "reports/gate.json").read_bytes() == (
+        project / "reports/gate.json"
+    ).read_bytes()
 
 
 @pytest.mark.slow

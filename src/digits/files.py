@@ -20,6 +20,7 @@ METRICS = Path("reports/metrics.json")
 PREDICTIONS = Path("reports/predictions.csv")
 FIGURES = Path("reports/figures")
 GATE_REPORT = Path("reports/gate.md")  # not tracked by DVC: it names registry versions
+GATE_VERDICT = Path("reports/gate.json")  # the absolute gates passed: the gate's DVC output
 
 
 def repo_root() -> Path:

@@ -134,7 +134,7 @@ def run(params: Params) -> Outcome:
     """The `gate` stage / `digits gate` command. Raises GateFailed (exit 1) on any failure."""
     from digits import gate_report, tracking
     from digits.data import file_digest
-    from digits.files import GATE_REPORT, MODEL, TEST_DATA, write_text
+    from digits.files import GATE_REPORT, GATE_VERDICT, MODEL, TEST_DATA, write_text
     from digits.store import open_store
 
     name = params.mlflow.registered_model
@@ -194,11 +194,33 @@ def run(params: Params) -> Outcome:
         outcome = _record(store, ctx, scorer, outcome, run_id)
         text = gate_report.report(outcome, governance.advisory(params.gates, ctx.gates))
         write_text(GATE_REPORT, text)
+        write_text(GATE_VERDICT, verdict_json(results))
         tracking.log_gate(store, run_id, outcome, GATE_REPORT)
     print(text)
     if outcome.failed:
         raise GateFailed("failed gates: " + "; ".join(c.reason() for c in outcome.failed))
     return outcome
+
+
+# the checks that compare with other versions of this store (@champion, the high-water mark)
+RELATIVE = frozenset({"not_worse_than_champion", "max_accuracy_drop"})
+
+
+def verdict_json(results) -> str:
+    """The gate's DVC output: the absolute checks (value, threshold, passed), which depend on
+    the model, the test data and the thresholds alone, so the file is the same bytes on every
+    machine and in every store. Its being missing is what makes DVC run the gate in a fresh
+    clone, whose store has never judged the model (the lock alone would skip it)."""
+    import json
+
+    gates = {
+        c.gate: {"metric": c.metric, "value": round(c.value, 6), "threshold": c.threshold,
+                 "op": c.op, "passed": c.passed}
+        for c in results
+        if c.gate not in RELATIVE
+    }  # fmt: skip
+    record = {"passed": all(g["passed"] for g in gates.values()), "gates": gates}
+    return json.dumps(record, indent=2) + "\n"
 
 
 def _record(store, ctx, scorer: Scorer, o: Outcome, run_id: str) -> Outcome:
