@@ -63,7 +63,9 @@ def load_model(uri: str | None = None):
     found = resolve.lookup(store, uri)
     if found is not None:
         kept = model_cache.get(found.sha256) if found.sha256 else None
-        weights = kept or found.local_weights()
+        if kept is not None:  # its bytes were just checked against the sha256 it is kept by
+            return Classifier.from_file(kept)
+        weights = found.local_weights()
         if weights is not None:
             _check_registered(weights, found, uri, store)
             return Classifier.from_file(weights)
