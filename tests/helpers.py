@@ -347,13 +347,13 @@ def register(store_uri: str, experiment_id: str, weights: Path, name: str) -> st
     import mlflow
 
     from digits import registry, serving
-    from digits.model_cache import sha256
+    from digits.data import file_digest
 
     mlflow.set_tracking_uri(store_uri)
     with mlflow.start_run(experiment_id=experiment_id):
         version = serving.log_and_register(weights, name)
     client = mlflow.MlflowClient(store_uri)
-    client.set_model_version_tag(name, version, registry.MODEL_TAG, sha256(weights))
+    client.set_model_version_tag(name, version, registry.MODEL_TAG, file_digest(weights))
     return version
 
 

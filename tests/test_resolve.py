@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from digits import model_cache, resolve
+from digits.data import file_digest
 from digits.errors import DigitsError
 from helpers import register
 
@@ -56,7 +57,7 @@ def test_the_store_answers_as_mlflow_does(two_versions):
     def check(uri: str, version: str, weights) -> None:
         found = resolve.lookup(store, uri)
         assert found is not None and found.version == version, (uri, found)
-        assert found.sha256 == model_cache.sha256(weights)
+        assert found.sha256 == file_digest(weights)
         assert found.local_weights().read_bytes() == weights.read_bytes()
         expected = Classifier.from_file(weights).probabilities(x)
         np.testing.assert_array_equal(load_model(uri).probabilities(x), expected)
@@ -99,7 +100,7 @@ def test_the_cache_answers_only_with_the_bytes_it_is_asked_for(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"some weights")
-    digest = model_cache.sha256(weights)
+    digest = file_digest(weights)
     assert model_cache.get(digest) is None
     model_cache.keep(weights, digest)
     kept = model_cache.get(digest)

@@ -7,16 +7,16 @@ MLflow import); only the bytes are kept, under the sha256 the version was regist
 the cache can never answer with an old version: an alias that moved names another sha256, a
 file whose bytes no longer match its name is ignored, and deleting the folder is always safe.
 A version of a local store is read in place and not copied here; this is for the versions a
-tracking server or an object store holds. Standard library only."""
+tracking server or an object store holds."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 from pathlib import Path
 
+from digits.data import file_digest
 from digits.files import atomic_path
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -27,18 +27,13 @@ def cache_dir() -> Path:
     return Path(base) / "digits" / "models"
 
 
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def get(digest: str) -> Path | None:
     """The kept weights file whose sha256 is `digest`, or None."""
     if not _SHA256.fullmatch(digest):
         return None
     path = cache_dir() / f"{digest}.safetensors"
     try:
-        return path if sha256(path) == digest else None
+        return path if file_digest(path) == digest else None
     except OSError:
         return None
 

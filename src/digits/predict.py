@@ -79,9 +79,9 @@ def load_model(uri: str | None = None):
 
 def _check_registered(weights: Path, found, uri: str, store: str) -> None:
     """The weights must be the bytes the version was registered from (what the gate scored)."""
-    from digits.model_cache import sha256
+    from digits.data import file_digest
 
-    if found.sha256 and (digest := sha256(weights)) != found.sha256:
+    if found.sha256 and (digest := file_digest(weights)) != found.sha256:
         raise DigitsError(
             f"model {uri} (version {found.version}) in {store}: its weights file {weights} has "
             f"sha256 {digest[:12]}..., but the version was registered from {found.sha256[:12]}"

@@ -71,9 +71,11 @@ def lookup(store: str, uri: str) -> Version | None:
     ref = parse(uri)
     if ref is None or os.environ.get("MLFLOW_WORKSPACE"):
         return None
-    if store.startswith("sqlite:///"):
-        return _from_sqlite(Path(store.removeprefix("sqlite:///")), *ref)
-    if store.startswith(("http://", "https://")):
+    from digits.store import is_server, sqlite_path
+
+    if (db := sqlite_path(store)) is not None:
+        return _from_sqlite(db, *ref)
+    if is_server(store):
         return _from_server(store.rstrip("/"), *ref)
     return None
 
