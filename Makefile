@@ -49,10 +49,11 @@ test: install     ## the full test suite, as CI runs it (real DVC, MLflow, Postg
 test-fast: install ## the quick tests for the edit loop (no pipeline runs, servers or browsers; < 1 min)
 	python -m pytest -m "not slow" -q
 
-lint: install     ## ruff (lint, formatting) and mypy (types of src/digits): what CI runs
+lint: install     ## ruff (lint, formatting), mypy (types) and import-linter (layers): what CI runs
 	ruff check .
 	ruff format --check .
 	mypy
+	lint-imports
 
 format: install   ## ruff: fix what can be fixed and format the code
 	ruff check --fix .

@@ -10,7 +10,7 @@ load the page's endpoint holds, for a photo of one digit and one of a 4-digit nu
      is served; and the ceiling: the same clients on GET /health, which does no work (what the
      HTTP layer and the load generator alone allow on these cores).
 
-The pictures are MNIST test digits made to look like photos (digits.strips). The model is
+The pictures are MNIST test digits made to look like photos (strips). The model is
 --model (default: the champion) in the configured store (MLFLOW_TRACKING_URI, else mlflow.db at
 the repository root: run `dvc repro` first).
 
@@ -30,16 +30,16 @@ import threading
 import time
 from pathlib import Path
 
-from digits import numerics
+from digits.core import numerics
 
 numerics.pin()  # before numpy loads
 
 import numpy as np  # noqa: E402
 
-from digits.data import read_pair  # noqa: E402
-from digits.imaging import read_image  # noqa: E402
-from digits.predict import champion_uri, load_model, read_all  # noqa: E402
-from digits.strips import strip  # noqa: E402
+from digits.data.imaging import read_image  # noqa: E402
+from digits.data.preprocess import read_pair  # noqa: E402
+from digits.serve.predict import champion_uri, load_model, read_all  # noqa: E402
+from strips import strip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(Path(sys.executable).parent / "digits")

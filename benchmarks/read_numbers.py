@@ -1,6 +1,6 @@
 """How well `digits predict` reads whole numbers: photos of strips of MNIST test digits
-(digits.strips: 2 to 8 digits, varied gaps, baseline and size jitter, paper grain, PNG and JPEG)
-read by the champion, as `digits predict` reads them (digits.predict.read_all).
+(strips: 2 to 8 digits, varied gaps, baseline and size jitter, paper grain, PNG and JPEG)
+read by the champion, as `digits predict` reads them (digits.serve.predict.read_all).
 
     python benchmarks/read_numbers.py                 # 500 4-digit strips, 100 of each other k
     python benchmarks/read_numbers.py --strips 1000 --model models:/mnist-mlp/3
@@ -29,15 +29,15 @@ def find_mnist() -> Path:
 
 
 def main() -> int:
-    from digits import numerics
+    from digits.core import numerics
 
     numerics.pin()
     import numpy as np
 
-    from digits.data import read_pair
-    from digits.imaging import read_image
-    from digits.predict import champion_uri, load_model, read_all
-    from digits.strips import strip
+    from digits.data.imaging import read_image
+    from digits.data.preprocess import read_pair
+    from digits.serve.predict import champion_uri, load_model, read_all
+    from strips import strip
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="MLflow model URI (default: the champion)")

@@ -5,9 +5,9 @@ on the validation split alone (the test set only reports, in the evaluate stage)
     python benchmarks/recipe_search.py --only robust-50 --epochs 40
 
 For each candidate it prints, all on validation data: accuracy; the worst accuracy over the
-corruption suite applied to the validation digits (digits.robustness); the calibration error
+corruption suite applied to the validation digits (digits.scoring.robustness); the calibration error
 after temperature scaling, fitted on one half of the validation digits and measured on the
-other; and the share of validation outliers (digits.outliers' training generator with seeds
+other; and the share of validation outliers (digits.data.outliers' training generator with seeds
 the trainer never draws) accepted at 95% of validation digits (FPR95). And the training's
 wall time, which the default recipe must keep within 1.2x of the former default's train stage
 (benchmarks/pipeline_time.py measures that)."""
@@ -68,19 +68,20 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def main() -> int:
-    from digits import numerics
+    from digits.core import numerics
 
     numerics.pin()
     import numpy as np
     import torch
 
-    from digits import calibration, ood, outliers
-    from digits.config import load_params, parse_params
-    from digits.data import load_split
-    from digits.inference import calibrated
-    from digits.model import predict_logits
-    from digits.robustness import corruption_accuracies
-    from digits.train import outlier_pool, train
+    from digits.core.config import load_params, parse_params
+    from digits.data import outliers
+    from digits.data.preprocess import load_split
+    from digits.model import calibration, ood
+    from digits.model.inference import calibrated
+    from digits.model.network import predict_logits
+    from digits.scoring.robustness import corruption_accuracies
+    from digits.stages.train import outlier_pool, train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="candidate names (default: all)")

@@ -9,7 +9,7 @@ the 60,000 training images, trains one warm-up epoch that is not timed (first-ca
 imports, allocator growth), then times `--epochs` epochs `--repeats` times; the row is the
 median. The children differ only in their numerics environment:
 
-  portable : digits.numerics' pins (the default): products in numpy's OpenBLAS, Haswell
+  portable : digits.core.numerics' pins (the default): products in numpy's OpenBLAS, Haswell
              kernels, 2 threads; torch on one thread
   unpinned : DIGITS_PORTABLE_NUMERICS=0 and no pin variables: torch's nn.Linear on MKL with
              every core, whatever kernels MKL picks for this CPU (the machine's speed)
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMER_PINS = {  # digits.numerics at bf8a237
+FORMER_PINS = {  # digits.core.numerics at bf8a237
     "MKL_CBWR": "COMPATIBLE",
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -50,7 +50,7 @@ FORMER_PINS = {  # digits.numerics at bf8a237
 
 
 def find_mnist() -> Path:
-    from digits.mnist import RESOURCES
+    from digits.core.mnist import RESOURCES
 
     candidates = [
         ROOT / "data/raw",
@@ -68,7 +68,7 @@ def find_mnist() -> Path:
 
 
 def child_env(mode: str) -> dict[str, str]:
-    from digits import numerics
+    from digits.core import numerics
 
     env = {k: v for k, v in os.environ.items() if k not in numerics.PINS}
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
@@ -96,7 +96,7 @@ def gemm_rates(sizes: list[int], batch: int, seconds: float = 1.5) -> dict[str, 
     import numpy as np
     import torch
 
-    from digits import blas
+    from digits.core import blas
 
     rng = np.random.default_rng(0)
     pairs = list(itertools.pairwise(sizes))
@@ -127,7 +127,7 @@ def gemm_rates(sizes: list[int], batch: int, seconds: float = 1.5) -> dict[str, 
 def time_trainer(params, x, y, epochs: int, repeats: int) -> list[float]:
     """samples/s (digits seen per second) of `repeats` timings of `epochs` epochs each, after
     one untimed warm-up epoch; with outlier exposure on, its non-digits ride along."""
-    from digits.train import outlier_pool, train
+    from digits.stages.train import outlier_pool, train
 
     pool = outlier_pool(params.train, x) if params.train.outliers.enabled else None
 
@@ -147,8 +147,8 @@ def usual_way(src: Path, hidden_sizes, epochs: int, repeats: int) -> list[float]
     import torch
     from torchvision import datasets, transforms
 
-    from digits.mnist import RESOURCES
-    from digits.model import build_mlp
+    from digits.core.mnist import RESOURCES
+    from digits.model.network import build_mlp
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "MNIST" / "raw"
@@ -183,7 +183,7 @@ def accurate_params(params):
 
     import yaml
 
-    from digits.config import parse_params
+    from digits.core.config import parse_params
 
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     flags = re.search(r"^ACCURATE\s*:?=(.*)$", text, re.M).group(1)
@@ -202,11 +202,11 @@ def profile(params, x, y) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from digits.train import train
+    from digits.stages.train import train
 
     p = params.train.model_copy(update={"epochs": 1})
     n = 30 * p.batch_size
-    from digits.train import outlier_pool
+    from digits.stages.train import outlier_pool
 
     pool = outlier_pool(p, x) if p.outliers.enabled else None
     train(p, (x[:n], y[:n], x[:1000], y[:1000]), outliers=pool, progress=False)  # warm
@@ -216,14 +216,14 @@ def profile(params, x, y) -> None:
 
 
 def child(args) -> None:
-    from digits import numerics
+    from digits.core import numerics
 
     numerics.pin()  # before numpy and torch load
     import torch
 
-    from digits import tracking
-    from digits.config import load_params
-    from digits.data import read_pair
+    from digits.core.config import load_params
+    from digits.data.preprocess import read_pair
+    from digits.tracking import runs as tracking
 
     params = load_params(ROOT / "params.yaml")
     if args.accurate:
@@ -278,7 +278,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT / "src"))
-    from digits.config import load_params
+    from digits.core.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     sizes = [784, *params.train.hidden_sizes, 10]

@@ -1,6 +1,6 @@
 """DVC stage `gate`: its deps, params and outs are in dvc.yaml."""
 
-from digits.stage import main
+from digits.stages.runner import main
 
 if __name__ == "__main__":
     main("gate")

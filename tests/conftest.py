@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from digits import numerics
+from digits.core import numerics
 from helpers import make_fake_mnist, mnist_dir, register_champion
 
 

@@ -26,7 +26,7 @@ SCALE = 20.0  # logit of a bar fully lit
 
 def write_params(root: Path, gates: dict) -> dict:
     """A whole params file (every key, as DVC's `-S` wants), with these gates."""
-    from digits.config import Params
+    from digits.core.config import Params
 
     raw = Params().model_dump(mode="json")
     raw["data"].update(val_size=100, seed=0)
@@ -49,9 +49,9 @@ def make_repo(root: Path, gates: dict) -> Path:
 def make_workspace(root: Path, gates: dict) -> None:
     """make_repo, then the data and a history (what the stages before evaluate leave); the
     caller chdirs into it."""
-    from digits.data import preprocess
-    from digits.files import DATA_SUMMARY, HISTORY, TEST_DATA, TRAIN_DATA
-    from digits.reports import Epoch, write_history
+    from digits.core.files import DATA_SUMMARY, HISTORY, TEST_DATA, TRAIN_DATA
+    from digits.core.reports import Epoch, write_history
+    from digits.data.preprocess import preprocess
 
     make_repo(root, gates)
     # the pipeline's outputs (dvc.yaml outs): not uncommitted changes to the project
@@ -65,7 +65,7 @@ def make_workspace(root: Path, gates: dict) -> None:
 
 def workspace_params(root: Path):
     """The params in `root`'s params.yaml, parsed as the stages parse them."""
-    from digits.config import parse_params
+    from digits.core.config import parse_params
 
     return parse_params(yaml.safe_load((root / "params.yaml").read_text()))
 
@@ -87,8 +87,8 @@ def enter_workspace(tmp_path: Path, monkeypatch, gates: dict):
 
 
 def heldout_set() -> tuple[np.ndarray, np.ndarray]:
-    from digits.data import load_split
-    from digits.files import TEST_DATA
+    from digits.core.files import TEST_DATA
+    from digits.data.preprocess import load_split
 
     x, y = load_split(TEST_DATA, "test")
     return x.numpy().astype(np.float64), y.numpy()
@@ -105,7 +105,7 @@ NOISE = np.arange(27 * 28, 27 * 28 + 12)  # in row 27, never a bar: noise only
 def hand_model(wrong: int = 0, variant: str = "") -> torch.nn.Sequential:
     """784 -> 11 -> 10: units 0-9 average the bars, unit 10 is the decoy. `wrong` test images
     are misclassified as 0; variant "crippled" never predicts 9, "garbage" predicts 0 always."""
-    from digits.model import build_mlp
+    from digits.model.network import build_mlp
 
     w1 = np.zeros((11, 784))
     for d in range(10):
@@ -140,10 +140,11 @@ def register(params, wrong: int = 0, variant: str = "") -> str:
     the one the gate judges)."""
     from mlflow import MlflowClient
 
-    from digits import evaluate, registry
-    from digits.data import file_digest
-    from digits.files import MODEL
-    from digits.model import save_model
+    from digits.core.files import MODEL
+    from digits.data.preprocess import file_digest
+    from digits.model.network import save_model
+    from digits.stages import evaluate
+    from digits.tracking import registry
 
     save_model(hand_model(wrong, variant), MODEL, [11], 0.0)
     evaluate.run(params)

@@ -42,8 +42,8 @@ def mnist_dir(root: Path = ROOT) -> Path:
     """A folder with the four official files (MD5-checked): the first candidate that has them,
     else a download into the cache (the official mirrors, or $MNIST_MIRROR's URLs); skipped
     (failed in CI) when there is none and no mirror answers."""
-    from digits.download import DownloadError, download, md5_matches
-    from digits.mnist import RESOURCES
+    from digits.core.mnist import RESOURCES
+    from digits.data.download import DownloadError, download, md5_matches
 
     for d in mnist_candidates(root):
         if all(md5_matches(d / name, md5) for name, md5 in RESOURCES):
@@ -151,11 +151,11 @@ def make_trained_project(root: Path) -> Path:
     evaluate it is a model trained elsewhere."""
     import yaml
 
-    from digits.config import parse_params
-    from digits.data import load_split, preprocess
-    from digits.model import save_model
-    from digits.reports import write_history
-    from digits.train import train
+    from digits.core.config import parse_params
+    from digits.core.reports import write_history
+    from digits.data.preprocess import load_split, preprocess
+    from digits.model.network import save_model
+    from digits.stages.train import train
 
     raw = make_fake_mnist(root.parent / f"{root.name}-raw")
     root.mkdir(parents=True)
@@ -295,18 +295,18 @@ def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> 
     """A real model for the tests that use one: the project's trainer with outlier exposure, a
     few epochs on real MNIST (about 97% accurate, seconds on a CPU), calibrated as the train
     stage calibrates (temperature and refusal threshold on validation digits), logged and
-    registered as the evaluate stage does it (digits.serving: a pyfunc over the weights file)
-    into a fresh SQLite store in `store` as `name` with the alias champion. Returns the store's
-    URI, the model's URI, the loaded pyfunc model, the weights file, the model in numpy
-    (digits.inference.Classifier), and `env`: what a subprocess needs to find the store."""
+    registered as the evaluate stage does it (digits.tracking.pyfunc: a pyfunc over the weights
+    file) into a fresh SQLite store in `store` as `name` with the alias champion. Returns the
+    store's URI, the model's URI, the loaded pyfunc model, the weights file, the model in numpy
+    (digits.model.inference.Classifier), and `env`: what a subprocess needs to find the store."""
     import mlflow
     import torch
 
-    from digits.config import TrainParams
-    from digits.data import read_pair, split
-    from digits.inference import Classifier
-    from digits.model import save_model
-    from digits.train import calibrate, outlier_pool, train
+    from digits.core.config import TrainParams
+    from digits.data.preprocess import read_pair, split
+    from digits.model.inference import Classifier
+    from digits.model.network import save_model
+    from digits.stages.train import calibrate, outlier_pool, train
 
     x, y = read_pair(mnist_dir(), "train")
     train_x, val_x, train_y, val_y = split(x, y, 5000, 42)
@@ -346,8 +346,9 @@ def register(store_uri: str, experiment_id: str, weights: Path, name: str) -> st
     pyfunc over the weights file, tagged with its sha256); returns the version."""
     import mlflow
 
-    from digits import registry, serving
-    from digits.data import file_digest
+    from digits.data.preprocess import file_digest
+    from digits.tracking import pyfunc as serving
+    from digits.tracking import registry
 
     mlflow.set_tracking_uri(store_uri)
     with mlflow.start_run(experiment_id=experiment_id):
@@ -358,7 +359,8 @@ def register(store_uri: str, experiment_id: str, weights: Path, name: str) -> st
 
 
 def served_probabilities(table) -> np.ndarray:
-    """The (N, 10) probabilities in what the registered pyfunc returns (a table, digits.serving)."""
+    """The (N, 10) probabilities in what the registered pyfunc returns (a table,
+    digits.tracking.pyfunc)."""
     return table[[f"p{d}" for d in range(10)]].to_numpy(dtype=np.float64)
 
 
@@ -369,7 +371,7 @@ def glyph_image(char: str, font: str = "cmr10.ttf", side: int = 160) -> bytes:
 
     from PIL import Image, ImageDraw
 
-    from digits.outliers import _font
+    from digits.data.outliers import _font
 
     img = Image.new("L", (side, side), 255)
     ImageDraw.Draw(img).text((side / 2, side / 2), char, fill=20, font=_font(font, side // 2),
@@ -384,8 +386,8 @@ def registered(project: Path, uri: str | None = None, name: str = "mnist-mlp") -
     names it: the store does): the newest version of that file, its run and experiment."""
     from mlflow import MlflowClient
 
-    from digits import registry
-    from digits.data import file_digest
+    from digits.data.preprocess import file_digest
+    from digits.tracking import registry
 
     uri = uri or f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)

@@ -20,7 +20,7 @@ PG_HINT = "install Debian's PostgreSQL: apt-get install postgresql"
 
 def local_postgres():
     """A started LocalPostgres (stop it, or use it as a context manager), or skip/fail."""
-    from digits.server import LocalPostgres, find_pg_bindir
+    from digits.team.server import LocalPostgres, find_pg_bindir
 
     if find_pg_bindir() is None:
         missing("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin)", PG_HINT)

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digits.data import read_pair
-from digits.imaging import MAX_BYTES, preprocess, read_image
+from digits.data.imaging import MAX_BYTES, preprocess, read_image
+from digits.data.preprocess import read_pair
 from helpers import glyph_image, mnist_dir, photo_like, run, start_chromium
 
 DIGITS = str(Path(sys.executable).parent / "digits")
@@ -135,7 +135,7 @@ def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
 def test_a_big_photo_is_read_too(server, mnist_test):
     """A picture past INLINE_BYTES is read in a thread rather than the event loop: the same
     answer."""
-    from digits.app import INLINE_BYTES
+    from digits.serve.app import INLINE_BYTES
 
     x, y = mnist_test
     photo = Image.open(io.BytesIO(photo_like(x[3], np.random.default_rng(1)))).convert("L")

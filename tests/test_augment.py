@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from digits.augment import BatchWarp, _grid_basis, augment_batch, make_augment
-from digits.config import parse_params
-from digits.data import load_split, preprocess
-from digits.model import save_model
-from digits.train import train
+from digits.core.config import parse_params
+from digits.data.preprocess import load_split, preprocess
+from digits.model.augment import BatchWarp, _grid_basis, augment_batch, make_augment
+from digits.model.network import save_model
+from digits.stages.train import train
 from helpers import make_fake_mnist
 
 CPU = torch.device("cpu")

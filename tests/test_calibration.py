@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from digits import calibration
-from digits.inference import Classifier, calibrated, softmax
-from digits.model import build_mlp, load_model, save_model
+from digits.model import calibration
+from digits.model.inference import Classifier, calibrated, softmax
+from digits.model.network import build_mlp, load_model, save_model
 
 
 def overconfident(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from digits.config import ConfigError, Params, TrainParams, flat_params, load_params
+from digits.core.config import ConfigError, Params, TrainParams, flat_params, load_params
 from helpers import ROOT, run
 
 # (YAML text, the dotted key the message must name, words of what was expected)
@@ -113,7 +113,7 @@ def _project(tmp_path, text: str, name: str = "params.yaml") -> set[Path]:
 @pytest.mark.parametrize("how", ["pipeline-script", "cli-params-option"])
 def test_cli_stops_before_any_work(tmp_path, fake_raw, how):
     # Processed data is present, so with good params the stage would train and write files.
-    from digits.data import preprocess
+    from digits.data.preprocess import preprocess
 
     processed = tmp_path / "data/processed"
     preprocess(

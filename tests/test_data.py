@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from digits.data import (
+from digits.data.preprocess import (
     DataError,
     check_arrays,
     load_split,

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from digits.download import RESOURCES, DownloadError, download, mirrors_from_env, timeout_from_env
+from digits.data.download import (
+    RESOURCES,
+    DownloadError,
+    download,
+    mirrors_from_env,
+    timeout_from_env,
+)
 from helpers import ROOT, make_fake_mnist, run
 
 NAMES = [name for name, _ in RESOURCES]

@@ -13,8 +13,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from digits import gate
-from digits.files import GATE_REPORT, TEST_DATA
+from digits.core.files import GATE_REPORT, TEST_DATA
+from digits.stages import gate
 from gate_workspace import N_TEST, NAME, aliases, enter_workspace, heldout_set, register
 from helpers import served_probabilities
 
@@ -182,7 +182,7 @@ def test_outside_git_a_passing_version_is_approved_but_not_promoted(workspace):
 @pytest.mark.slow
 def test_gate_command_exits_nonzero_naming_gates(workspace, capsys):
     _, params = workspace
-    from digits.stage import run_stage
+    from digits.stages.runner import run_stage
 
     register(params, variant="garbage")
     capsys.readouterr()  # drop what registering printed

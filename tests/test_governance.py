@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from digits import gate, governance, policy
 from digits.cli import main as cli
-from digits.config import ConfigError, parse_params
-from digits.files import GATE_REPORT
-from digits.scores import Score
+from digits.core.config import ConfigError, parse_params
+from digits.core.files import GATE_REPORT
+from digits.gate import governance, policy
+from digits.scoring.cache import Score
+from digits.stages import gate
 from gate_workspace import (
     NAME,
     aliases,

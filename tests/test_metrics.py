@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from digits.metrics import compute_metrics, confusion_matrix, worst_recall
+from digits.core.metrics import compute_metrics, confusion_matrix, worst_recall
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

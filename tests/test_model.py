@@ -1,6 +1,6 @@
 """The network (784-256-128-64-32-10, ReLU, logits out), its portable layers (products in numpy's
 OpenBLAS), the probability wrapper, the safetensors model file (self-describing, no pickle,
-clear errors for anything else) and the torch-free model users run (digits.inference)."""
+clear errors for anything else) and the torch-free model users run (digits.model.inference)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from digits.config import TrainParams
-from digits.inference import Classifier, read_model_file, softmax
-from digits.model import (
+from digits.core.config import TrainParams
+from digits.model.inference import Classifier, read_model_file, softmax
+from digits.model.network import (
     ModelError,
     PortableLinear,
     Probabilities,
@@ -198,7 +198,7 @@ def test_missing_model_file(tmp_path):
 
 SAVE_IN_A_PROCESS = """
 import sys, torch
-from digits.model import build_mlp, save_model
+from digits.model.network import build_mlp, save_model
 torch.manual_seed(0)
 cal = {"score": "max_probability", "temperature": 0.5, "threshold": 0.6}
 save_model(build_mlp((8,)), sys.argv[1], (8,), 0.0, cal)

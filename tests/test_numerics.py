@@ -1,6 +1,6 @@
 """Bit-for-bit training across core counts, thread settings and CPU kernels (the committed lock
 must come out on any x86-64 machine with AVX2). Each run is a fresh process, since the math
-libraries read their settings when they load; the pins come from `digits.numerics.pin()`, as
+libraries read their settings when they load; the pins come from `digits.core.numerics.pin()`, as
 in the stages. docs/reproducibility.md says which CPUs each claim was measured on."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from digits import numerics
+from digits.core import numerics
 from helpers import ROOT, mnist_dir
 
 # Two epochs of the default trainer on 6,000 real MNIST images: the pipeline's own shapes
@@ -22,13 +22,13 @@ SCRIPT = """
 import hashlib, os, sys
 if sys.argv[2] != "all":
     os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
-from digits import numerics
+from digits.core import numerics
 numerics.pin()
 import torch
-from digits import blas
-from digits.config import TrainParams
-from digits.data import read_pair
-from digits.train import train
+from digits.core import blas
+from digits.core.config import TrainParams
+from digits.data.preprocess import read_pair
+from digits.stages.train import train
 x, y = read_pair(__import__("pathlib").Path(sys.argv[1]), "train")
 x = torch.from_numpy(x[:6000]).float().div_(255.0); y = torch.from_numpy(y[:6000]).long()
 p = TrainParams(epochs=2, device="cpu")
@@ -88,7 +88,7 @@ def test_pinned_training_gives_the_same_bytes_on_every_cpu(pinned):
 @pytest.mark.slow
 def test_one_core_gives_the_bytes_of_two(pinned):
     """OpenBLAS caps OPENBLAS_NUM_THREADS at the core count, and one thread sums differently:
-    the run-time thread pin (digits.blas.pin_threads) keeps two threads on one core."""
+    the run-time thread pin (digits.core.blas.pin_threads) keeps two threads on one core."""
     aten, openblas, digest = train_hash("0")
     assert aten.split()[2] == "1"  # really one core
     assert openblas.endswith("2 threads")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from digits import ood, outliers
+from digits.data import outliers
+from digits.model import ood
 
 
 @pytest.fixture(scope="module")

@@ -116,12 +116,17 @@ def test_editing_gate_code_reruns_only_the_gate(repro):
             target.write_text(original)
         return set(status)
 
-    assert stale_after_editing("src/digits/gate.py") == {"gate"}
-    assert stale_after_editing("src/digits/promote.py") == set()  # a command, no stage
-    # the torch network only trains; the stages after it score with digits.inference (numpy)
-    assert stale_after_editing("src/digits/model.py") == {"train"}
-    assert stale_after_editing("src/digits/inference.py") == {"train", "evaluate", "gate"}
-    assert stale_after_editing("src/digits/data.py") == {"preprocess", "train", "evaluate", "gate"}
+    assert stale_after_editing("src/digits/stages/gate.py") == {"gate"}
+    assert stale_after_editing("src/digits/gate/promote.py") == set()  # a command, no stage
+    # the torch network only trains; the stages after it score with digits.model.inference (numpy)
+    assert stale_after_editing("src/digits/model/network.py") == {"train"}
+    assert stale_after_editing("src/digits/model/inference.py") == {"train", "evaluate", "gate"}
+    assert stale_after_editing("src/digits/data/preprocess.py") == {
+        "preprocess",
+        "train",
+        "evaluate",
+        "gate",
+    }
 
 
 def test_stages_write_their_outputs(repro):
@@ -192,8 +197,8 @@ def test_mlflow_run_and_registered_model(repro):
 
     # the score the evaluate stage recorded for the gate is what the registered model gives:
     # the same right/wrong bit on every image, the same metrics
-    from digits.metrics import compute_metrics
-    from digits.scores import CACHE_TAG, decode_correct
+    from digits.core.metrics import compute_metrics
+    from digits.scoring.cache import CACHE_TAG, decode_correct
 
     version = mlflow.MlflowClient().get_model_version("mnist-mlp", info["version"])
     record = json.loads(version.tags[CACHE_TAG])

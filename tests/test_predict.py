@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digits.data import read_pair
-from digits.imaging import MAX_BYTES, ImageError, preprocess, read_image
+from digits.data.imaging import MAX_BYTES, ImageError, preprocess, read_image
+from digits.data.preprocess import read_pair
 from helpers import glyph_image, imported, mnist_dir, photo_like, run
 
 DIGITS = str(Path(sys.executable).parent / "digits")  # the installed command
@@ -170,8 +170,8 @@ def test_predict_reports_each_file_and_goes_on_after_bad_ones(champion, mnist_te
 
 @pytest.mark.slow
 def test_a_first_call_asks_the_store_directly_without_mlflow(champion, mnist_test, tmp_path):
-    """The champion resolved by reading the SQLite store (digits.resolve), its weights read in
-    place: no MLflow import, not even the first time (an empty model cache)."""
+    """The champion resolved by reading the SQLite store (digits.tracking.resolve), its weights
+    read in place: no MLflow import, not even the first time (an empty model cache)."""
     x, y = mnist_test
     (tmp_path / "digit.png").write_bytes(photo_like(x[0], np.random.default_rng(5)))
     env = {**champion["env"], "XDG_CACHE_HOME": str(tmp_path / "cache"),
@@ -179,7 +179,7 @@ def test_a_first_call_asks_the_store_directly_without_mlflow(champion, mnist_tes
     code, out, err = predict_cli(["digit.png"], tmp_path, env)
     assert code == 0 and out[0].startswith(f"digit.png: {y[0]} ("), (out, err[-20:])
     modules = imported("\n".join(err))
-    assert "digits.inference" in modules and "numpy" in modules
+    assert "digits.model.inference" in modules and "numpy" in modules
     assert not {m for m in modules if m.split(".")[0] in ("mlflow", "torch")}
 
 

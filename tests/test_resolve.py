@@ -1,15 +1,17 @@
-"""digits.resolve and digits.model_cache: the store asked directly which version a URI names must
-answer as MLflow does, at once after an alias moves or a version is deleted, and a version's
-weights must be the bytes it was registered from. A real SQLite store with two real versions."""
+"""digits.tracking.resolve and digits.serve.model_cache: the store asked directly which version a
+URI names must answer as MLflow does, at once after an alias moves or a version is deleted, and a
+version's weights must be the bytes it was registered from. A real SQLite store with two real
+versions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from digits import model_cache, resolve
-from digits.data import file_digest
-from digits.errors import DigitsError
+from digits.core.errors import DigitsError
+from digits.data.preprocess import file_digest
+from digits.serve import model_cache
+from digits.tracking import resolve
 from helpers import register
 
 NAME = "resolve-me"
@@ -47,9 +49,9 @@ def two_versions(champion, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_store_answers_as_mlflow_does(two_versions):
-    from digits.app import pinned
-    from digits.inference import Classifier
-    from digits.predict import load_model
+    from digits.model.inference import Classifier
+    from digits.serve.app import pinned
+    from digits.serve.predict import load_model
 
     store, client, files = two_versions["store"], two_versions["client"], two_versions["files"]
     x = np.random.default_rng(0).random((5, 784), dtype=np.float32)
@@ -85,7 +87,7 @@ def test_the_store_answers_as_mlflow_does(two_versions):
 
 @pytest.mark.slow
 def test_weights_changed_after_registration_are_refused(two_versions):
-    from digits.predict import load_model
+    from digits.serve.predict import load_model
 
     found = resolve.lookup(two_versions["store"], f"models:/{NAME}/1")
     found.local_weights().write_bytes(two_versions["files"][1].read_bytes())

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from digits.data import read_idx
-from digits.figures import plot_robustness
-from digits.robustness import CORRUPTIONS, RobustnessError, corrupt, corruption_accuracies
+from digits.data.preprocess import read_idx
+from digits.scoring.figures import plot_robustness
+from digits.scoring.robustness import CORRUPTIONS, RobustnessError, corrupt, corruption_accuracies
 from helpers import mnist_dir
 
 SEEDED = {"gaussian_noise", "impulse_noise", "rotate", "shear", "scale", "translate", "occlusion"}
@@ -198,10 +198,10 @@ def test_the_gate_scores_a_registered_versions_corruptions(tmp_path):
 
     import mlflow
 
-    from digits.config import GateParams
-    from digits.data import save_arrays
-    from digits.gate import Scorer
-    from digits.policy import checks, worst_corruption
+    from digits.core.config import GateParams
+    from digits.data.preprocess import save_arrays
+    from digits.gate.policy import checks, worst_corruption
+    from digits.stages.gate import Scorer
     from helpers import register_champion, served_probabilities
 
     d = mnist_dir()

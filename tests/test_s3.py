@@ -55,7 +55,7 @@ class S3Server:
     """`moto_server` on a free loopback port; stop() ends it (and every bucket in it)."""
 
     def __init__(self, log: Path):
-        from digits.server import free_port
+        from digits.team.server import free_port
 
         exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
         if exe is None:
@@ -118,7 +118,7 @@ def team(s3, tmp_path_factory):
     """A team server on a throwaway PostgreSQL whose artifacts go to the S3 bucket."""
     root = tmp_path_factory.mktemp("s3-team")
     with local_postgres() as pg:
-        from digits.server import free_port
+        from digits.team.server import free_port
 
         env = {**pg.env, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.url}
         server = TeamServer(
@@ -197,7 +197,7 @@ def test_dvc_push_to_s3_then_pull_in_another_clone_leaves_nothing_to_run(alice, 
 
 def _digit_png(path: Path) -> Path:
     """A photo-like picture of the first MNIST test digit, a 7."""
-    from digits.data import read_idx
+    from digits.data.preprocess import read_idx
 
     images = read_idx(mnist_dir() / "t10k-images-idx3-ubyte.gz", "images")
     path.write_bytes(photo_like(images[0], np.random.default_rng(0)))
@@ -238,7 +238,9 @@ def test_teammate_without_s3_access_loads_the_champion_from_s3(alice, team, tmp_
     again = _predict(folder, {**env, "PYTHONPROFILEIMPORTTIME": "1"}, image)
     assert again.returncode == 0 and json.loads(again.stdout) == json.loads(out.stdout)
     modules = imported(again.stderr)
-    assert "digits.resolve" in modules and not {m for m in modules if m.startswith("mlflow")}
+    assert "digits.tracking.resolve" in modules and not {
+        m for m in modules if m.startswith("mlflow")
+    }
     assert os.listdir(Path(env["HOME"]) / ".cache/digits/models")
 
 

@@ -1,4 +1,4 @@
-"""Reading whole numbers: strips of MNIST test digits as photos (digits.strips) are cut into
+"""Reading whole numbers: strips of MNIST test digits as photos (strips) are cut into
 their digits, left to right, the pieces of one digit kept together and specks dropped; a single
 digit is read exactly as before; a letter in a number is shown as not a digit."""
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digits.data import read_idx
-from digits.imaging import preprocess, read_image
-from digits.segment import read_pieces, segment
-from digits.strips import strip
+from digits.data.imaging import preprocess, read_image
+from digits.data.preprocess import read_idx
+from digits.data.segment import read_pieces, segment
 from helpers import glyph_image, mnist_dir, photo_like, run
+from strips import strip
 
 DIGITS_CMD = [str(Path(sys.executable).parent / "digits"), "predict"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digits.data import read_pair
+from digits.data.preprocess import read_pair
 from helpers import ROOT, glyph_image, mnist_dir, require_executable, served_probabilities
 
 PROBS = [f"p{d}" for d in range(10)]
@@ -102,8 +102,8 @@ def test_a_batch_gets_the_probabilities_of_pyfunc_in_process(served, champion):
 
 def test_the_served_model_says_not_a_digit(served, champion):
     """A letter (in a font training never saw) and a blank image: `digit` is null; a digit
-    keeps its digit. The same answers as digits.inference gives in this process."""
-    from digits.imaging import preprocess, read_image
+    keeps its digit. The same answers as digits.model.inference gives in this process."""
+    from digits.data.imaging import preprocess, read_image
 
     x, y = read_pair(mnist_dir(), "t10k")
     letter = preprocess(read_image(glyph_image("K"), "letter"))

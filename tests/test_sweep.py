@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from digits.config import Params
-from digits.sweep import SweepError, load_space
+from digits.core.config import Params
+from digits.sweep.study import SweepError, load_space
 from helpers import (
     SHORT_RUN_GATES,
     dvc,
@@ -92,7 +92,7 @@ def test_a_bad_search_space_is_one_line_naming_it(tmp_path, text, says):
 
 
 def test_a_sweep_before_the_pipeline_ran_is_one_line_saying_so(tmp_path):
-    from digits.sweep import check_pipeline_ran
+    from digits.sweep.study import check_pipeline_ran
 
     project = make_project(tmp_path / "project")
     cmd = [sys.executable, "-m", "digits.cli", "sweep", "--study", "s", "--trials", "1"]
@@ -138,7 +138,7 @@ def team(tmp_path_factory):
 
 
 def _port() -> int:
-    from digits.server import free_port
+    from digits.team.server import free_port
 
     return free_port()
 
@@ -216,7 +216,7 @@ def trials_of(storage: str, study: str, pg) -> list:
     does: PGPASSWORD)."""
     import optuna
 
-    from digits.sweep import storage_url
+    from digits.sweep.study import storage_url
 
     before = os.environ.get("PGPASSWORD")
     os.environ.update(pg.env)
@@ -280,7 +280,7 @@ def test_two_workers_run_one_study_on_the_team_database(team, clones):
     home = a if name in dvc(a, "exp", "list", env=env_a).stdout else b
     env = env_a if home == a else env_b
     dvc(home, "exp", "apply", name, env=env)
-    from digits.data import file_digest
+    from digits.data.preprocess import file_digest
 
     model = home / "models/model.safetensors"
     assert file_digest(model) == by_trial[winner.number].data.tags["digits.model_sha256"]

@@ -47,7 +47,7 @@ def git(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def free_port() -> int:
-    from digits.server import free_port
+    from digits.team.server import free_port
 
     return free_port()
 
@@ -238,7 +238,7 @@ def test_teammate_in_an_empty_folder_loads_the_champion(alice, server, tmp_path,
 def test_existing_experiment_with_a_client_folder_is_refused(server, monkeypatch, tmp_path):
     from mlflow import MlflowClient
 
-    from digits import store
+    from digits.tracking import store
 
     for key, value in store.HTTP_DEFAULTS.items():
         monkeypatch.setenv(key, value)  # open_store() sets them; keep this process's env as is
@@ -358,7 +358,7 @@ def test_dvc_exp_push_and_pull_share_an_experiment(queued, remotes, dan, server)
 
 @pytest.mark.slow
 def test_digits_server_runs_a_throwaway_cluster_and_removes_it(tmp_path):
-    from digits.server import find_pg_bindir
+    from digits.team.server import find_pg_bindir
 
     if find_pg_bindir() is None:
         missing("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin)", PG_HINT)
@@ -418,7 +418,7 @@ class _LoginWall(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_server_that_wants_a_login_says_so(monkeypatch):
-    from digits import store
+    from digits.tracking import store
 
     wall = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LoginWall)
     threading.Thread(target=wall.serve_forever, daemon=True).start()

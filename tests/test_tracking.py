@@ -357,9 +357,9 @@ def small_repo(tmp_path, monkeypatch) -> Path:
 
 
 def test_run_name_and_description_follow_git(small_repo, monkeypatch):
-    from digits.config import load_params
-    from digits.lineage import description
-    from digits.provenance import run_origin
+    from digits.core.config import load_params
+    from digits.core.provenance import run_origin
+    from digits.tracking.lineage import description
 
     repo = small_repo
     first = git(repo, "rev-parse", "HEAD")[:7]
@@ -403,9 +403,9 @@ def test_run_name_and_description_follow_git(small_repo, monkeypatch):
 
 
 def test_without_git_runs_get_plain_names(small_repo, tmp_path, monkeypatch):
-    from digits.config import parse_params
-    from digits.lineage import description
-    from digits.provenance import run_origin
+    from digits.core.config import parse_params
+    from digits.core.provenance import run_origin
+    from digits.tracking.lineage import description
 
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
@@ -421,7 +421,7 @@ def test_without_git_runs_get_plain_names(small_repo, tmp_path, monkeypatch):
 
 
 def test_a_hung_git_is_an_error_naming_the_command(tmp_path, monkeypatch):
-    from digits import provenance
+    from digits.core import provenance
 
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -434,7 +434,7 @@ def test_a_hung_git_is_an_error_naming_the_command(tmp_path, monkeypatch):
 
 
 def test_metric_names_group_by_prefix():
-    from digits.tracking import evaluation_metrics
+    from digits.tracking.runs import evaluation_metrics
 
     metrics = {
         "accuracy": 0.9,
@@ -457,8 +457,8 @@ def test_metric_names_group_by_prefix():
 
 @pytest.mark.slow
 def test_run_records_origin_datasets_and_training(tmp_path, evaluate_ready):
-    from digits.data import file_digest
-    from digits.mnist import RESOURCES
+    from digits.core.mnist import RESOURCES
+    from digits.data.preprocess import file_digest
 
     project = tmp_path / "project"
     shutil.copytree(evaluate_ready, project)

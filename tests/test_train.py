@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from digits.checkpoint import Checkpoint, CheckpointError, fingerprint
-from digits.checkpoint import load as load_checkpoint
-from digits.config import TrainParams, parse_params
-from digits.data import file_digest, load_split, preprocess
-from digits.model import save_model
-from digits.reports import HISTORY_FIELDS, read_history, write_history
-from digits.train import train
+from digits.core.config import TrainParams, parse_params
+from digits.core.reports import HISTORY_FIELDS, read_history, write_history
+from digits.data.preprocess import file_digest, load_split, preprocess
+from digits.model.checkpoint import Checkpoint, CheckpointError, fingerprint
+from digits.model.checkpoint import load as load_checkpoint
+from digits.model.network import save_model
+from digits.stages.train import train
 from helpers import make_fake_mnist, run
 
 # Two processes train at once here: with two OpenBLAS threads each, their spinning threads
@@ -218,7 +218,7 @@ def make_stage_dir(root: Path, processed: Path, train_params: dict) -> Path:
 
 
 def ckpt_key(root: Path) -> str:
-    from digits.config import load_params
+    from digits.core.config import load_params
 
     p = load_params(root / "params.yaml").train
     return fingerprint(p, file_digest(root / "data/processed/train.npz"))

@@ -13,9 +13,9 @@ import os
 import sys
 from typing import NoReturn
 
-from digits import numerics
-from digits.errors import DigitsError
-from digits.stage import STAGES, run_stage
+from digits.core import numerics
+from digits.core.errors import DigitsError
+from digits.stages.runner import STAGES, run_stage
 
 STAGE_HELP = {
     "download": "fetch the four MNIST .gz files (MNIST_MIRROR) into data/raw, MD5-checked",
@@ -112,31 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _predict(args) -> int:
-    from digits.predict import main as predict
+    from digits.serve.predict import main as predict
 
     return predict(args)
 
 
 def _app(args) -> int:
-    from digits.app import main as app
+    from digits.serve.app import main as app
 
     return app(args)
 
 
 def _server(args) -> int:
-    from digits.server import main as server
+    from digits.team.server import main as server
 
     return server(args)
 
 
 def _sweep(args) -> int:
-    from digits.sweep import main as sweep
+    from digits.sweep.study import main as sweep
 
     return sweep(args)
 
 
 def _promote(args) -> int:
-    from digits.promote import main as promote
+    from digits.gate.promote import main as promote
 
     return promote(args)
 

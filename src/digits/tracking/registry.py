@@ -1,0 +1,95 @@
+"""The model registry's aliases and promotion record: which version is `@champion`,
+`@previous` and `@challenger`, who promoted a version, when and why, and which versions were
+ever champion (the high-water mark's candidates). Each function takes an MlflowClient; the
+caller holds the store's write lock (digits.tracking.store) around those that write.
+
+What each version scored is its score record, beside this in digits.scoring.cache."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+# version tags written when a version becomes champion: the record of who promoted it and why
+PROMOTED_AT, PROMOTED_BY, PROMOTED_VIA = "promoted_at", "promoted_by", "promoted_via"
+PROMOTION_REASON = "promotion_reason"
+STATUS, APPROVED, REJECTED = "validation_status", "approved", "rejected"
+REASONS = "validation_reasons"
+MODEL_TAG = "digits.model_sha256"  # the weights file a version was registered from
+
+
+def versions(client, name: str) -> list:
+    return list(client.search_model_versions(f"name='{name}'"))
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def version_of_model(client, name: str, model_sha256: str) -> str | None:
+    """The newest version registered from the weights file with that sha256 (what the gate
+    judges after evaluate registered it), None if there is none."""
+    found = [
+        int(v.version) for v in versions(client, name) if v.tags.get(MODEL_TAG) == model_sha256
+    ]
+    return str(max(found)) if found else None
+
+
+def ever_champions(client, name: str) -> list[str]:
+    """Versions that have been @champion: tagged when promoted, plus today's @champion and
+    @previous (registries from before the tag was written)."""
+    out = {str(v.version) for v in versions(client, name) if PROMOTED_AT in v.tags}
+    out |= {v for a in (CHAMPION, PREVIOUS) if (v := alias_version(client, name, a))}
+    return sorted(out, key=int)
+
+
+def record_promotion(
+    client, name: str, version: str, *, by: str, reason: str, via: str
+) -> str | None:
+    """Move @champion to `version` and @previous to the champion it replaces; tag who, when,
+    why and how. Returns the replaced champion's version (None if there was none). The caller
+    has checked that `version` is not the champion already."""
+    old = alias_version(client, name, CHAMPION)
+    if old is not None:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    record = {PROMOTED_AT: now, PROMOTED_BY: by, PROMOTION_REASON: reason, PROMOTED_VIA: via}
+    for key, value in record.items():
+        client.set_model_version_tag(name, version, key, value)
+    return old
+
+
+def accuracy_of(v) -> float:
+    """A version's test accuracy as its tags record it (the gate's fresh score, else the one
+    evaluate logged); -1 when unknown."""
+    for key in ("gate.accuracy", "test_accuracy"):
+        try:
+            return float(v.tags[key])
+        except (KeyError, ValueError):
+            continue
+    return -1.0
+
+
+def update_challenger(client, name: str) -> str | None:
+    """Point @challenger at the best approved version never promoted (most accurate, then
+    newest), or remove it when there is none."""
+    candidates = [
+        v
+        for v in versions(client, name)
+        if v.tags.get(STATUS) == APPROVED and PROMOTED_AT not in v.tags
+    ]
+    best = max(candidates, key=lambda v: (accuracy_of(v), int(v.version)), default=None)
+    current = alias_version(client, name, CHALLENGER)
+    if best is None:
+        if current is not None:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        return None
+    if current != str(best.version):
+        client.set_registered_model_alias(name, CHALLENGER, str(best.version))
+    return str(best.version)
