@@ -32,6 +32,9 @@ from pathlib import Path
 
 from digits.core import numerics
 
+# the photo strips are the tests' generator (tests/strips.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 numerics.pin()  # before numpy loads
 
 import numpy as np  # noqa: E402

@@ -37,6 +37,8 @@ def main() -> int:
     from digits.data.imaging import read_image
     from digits.data.preprocess import read_pair
     from digits.serve.predict import champion_uri, load_model, read_all
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/strips.py
     from strips import strip
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
