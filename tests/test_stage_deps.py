@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -212,3 +214,29 @@ def test_importing_modules_changes_no_environment():
     clean = {"env": [], "backend": None, "files": []}
     for name, result in results.items():
         assert result == clean, f"importing {name}: {result}"
+
+
+def lint_imports(src: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """import-linter's verdict on the `digits` package found in `src` (its contract: the
+    [tool.importlinter] table of the pyproject.toml in `cwd`)."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    exe = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run(
+        [str(exe), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_layers_are_kept_and_a_wrong_arrow_is_caught(tmp_path):
+    """`make lint` runs import-linter's layers contract; here it passes on the library, and fails
+    on a copy in which a bottom layer imports a top one (lazily, inside a function)."""
+    kept = lint_imports(SRC, ROOT)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert "KEPT" in kept.stdout
+
+    shutil.copytree(SRC / "digits", tmp_path / "src" / "digits")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    errors = tmp_path / "src" / "digits" / "core" / "errors.py"
+    errors.write_text(errors.read_text() + "\n\ndef _up():\n    from digits.cli import entry\n")
+    broken = lint_imports(tmp_path / "src", tmp_path)
+    assert broken.returncode != 0
+    assert "digits.core.errors -> digits.cli" in broken.stdout, broken.stdout

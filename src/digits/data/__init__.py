@@ -1,0 +1,1 @@
+"""Pictures and datasets: MNIST download and preprocessing, users' images, segments, outliers."""

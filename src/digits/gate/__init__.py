@@ -1,0 +1,1 @@
+"""Who becomes @champion: the checks and decision, its report, governance, `digits promote`."""

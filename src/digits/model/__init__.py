@@ -1,0 +1,1 @@
+"""The network: numpy inference, the torch MLP, augmentation, checkpoints, calibration, refusal."""

@@ -1,0 +1,1 @@
+"""The DVC stages: the runner, and the train, evaluate and gate stages."""

@@ -1,0 +1,1 @@
+"""`digits sweep`: Optuna studies whose trials are DVC experiments."""

@@ -1,0 +1,1 @@
+"""`digits server`: the team's MLflow tracking server."""
