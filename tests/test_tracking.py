@@ -524,3 +524,29 @@ def test_run_records_origin_datasets_and_training(tmp_path, evaluate_ready):
     assert version.run_id == r.info.run_id
     assert version.tags["run_name"] == r.info.run_name
     assert version.tags["digits.model_sha256"] == r.data.tags["digits.model_sha256"]
+
+
+# --- the registered model's code -------------------------------------------------------------
+
+
+def test_a_version_carries_the_modules_its_model_code_imports():
+    """SERVED_MODULES, the library files copied into every registered version, are exactly
+    what mlflow_model.py imports, directly or not (with their packages' __init__.py): one
+    missing and the version cannot load where the project is not installed."""
+    from digits.tracking.pyfunc import CODE_FILE, SERVED_MODULES
+    from test_stage_deps import SRC, imported_modules, module_file
+
+    package = SRC / "digits"
+    seen: set[Path] = set()
+    todo = [CODE_FILE]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_modules(path):
+            parts = name.split(".")
+            found = (module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+            todo += [f for f in found if f is not None]
+    seen.discard(CODE_FILE)  # logged as the model's code itself, not copied beside it
+    assert sorted(p.relative_to(package).as_posix() for p in seen) == sorted(SERVED_MODULES)

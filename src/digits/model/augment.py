@@ -148,10 +148,17 @@ class BatchWarp:
         side = torch.randint(max(1, s // 2), s + 1, (n, 1, 1), device=dev)
         top = (torch.rand(n, 1, 1, device=dev) * (25 - side)).long() + 2
         left = (torch.rand(n, 1, 1, device=dev) * (25 - side)).long() + 2
-        rows = torch.arange(ROWS, device=dev).view(1, ROWS, 1)
-        cols = torch.arange(COLS, device=dev).view(1, 1, COLS)
-        box = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-        part.masked_fill_(box.unsqueeze(1), 0.0)
+        part.masked_fill_(square_mask(top, left, side), 0.0)
+
+
+def square_mask(top: torch.Tensor, left: torch.Tensor, side: torch.Tensor | int) -> torch.Tensor:
+    """(N, 1, 28, 28) bool, True inside each image's square of `side` pixels whose top-left
+    pixel is (top, left); top, left (and side, unless one int) are (N, 1, 1) integer tensors.
+    The erase change here, and the occlusion corruption the robustness suite scores."""
+    rows = torch.arange(ROWS, device=top.device).view(1, ROWS, 1)
+    cols = torch.arange(COLS, device=top.device).view(1, 1, COLS)
+    box = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+    return box.unsqueeze(1)
 
 
 @functools.cache
