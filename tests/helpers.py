@@ -369,13 +369,13 @@ def glyph_image(char: str, font: str = "cmr10.ttf", side: int = 160) -> bytes:
     in training): a picture of something that is not a digit."""
     import io
 
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
-    from digits.data.outliers import _font
+    from digits.data.outliers import font_dir
 
     img = Image.new("L", (side, side), 255)
-    ImageDraw.Draw(img).text((side / 2, side / 2), char, fill=20, font=_font(font, side // 2),
-                             anchor="mm")  # fmt: skip
+    face = ImageFont.truetype(str(font_dir() / font), side // 2)
+    ImageDraw.Draw(img).text((side / 2, side / 2), char, fill=20, font=face, anchor="mm")
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()

@@ -124,7 +124,7 @@ class BatchWarp:
             g = p.warp_grid
             field = torch.randn(n, 2, g * g, device=dev) * (p.warp_elastic * 2 / ROWS)
             coef = torch.cat([coef, field], 2)
-        basis = _grid_basis(p.warp_grid if p.warp_elastic > 0 else 0, dev)
+        basis = grid_basis(p.warp_grid if p.warp_elastic > 0 else 0, dev)
         grid = (coef.view(n * 2, -1) @ basis).view(n, 2, ROWS, COLS)  # x and y planes
         grid = grid.permute(0, 2, 3, 1)  # grid_sample's (B, H, W, 2), as a view
         return nn.functional.grid_sample(img, grid, padding_mode="zeros", align_corners=False)
@@ -162,7 +162,7 @@ def square_mask(top: torch.Tensor, left: torch.Tensor, side: torch.Tensor | int)
 
 
 @functools.cache
-def _grid_basis(g: int, device: torch.device) -> torch.Tensor:
+def grid_basis(g: int, device: torch.device) -> torch.Tensor:
     """(3 + g*g, 784): x, y and 1 at every pixel centre in grid_sample's [-1, 1] coordinates,
     then (g > 0) the bicubic upsampling of a g x g field to 28 x 28, one row per control point."""
     xs = (torch.arange(COLS, device=device) * 2 + 1) / COLS - 1
