@@ -291,6 +291,21 @@ def start_chromium(width: int = 1280, height: int = 900):
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
+def wait_still(driver, timeout: float = 30) -> None:
+    """Return once the page looks the same in two screenshots in a row (its transitions and
+    animations over): what a test waits for before taking a picture. Fails after `timeout`."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    last = [driver.get_screenshot_as_png()]
+
+    def still(d) -> bool:
+        shot = d.get_screenshot_as_png()
+        same, last[0] = shot == last[0], shot
+        return same
+
+    WebDriverWait(driver, timeout, poll_frequency=0.3).until(still, "the page never stopped moving")
+
+
 def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> dict:
     """A real model for the tests that use one: the project's trainer with outlier exposure, a
     few epochs on real MNIST (about 97% accurate, seconds on a CPU), calibrated as the train

