@@ -361,7 +361,7 @@ def register(store_uri: str, experiment_id: str, weights: Path, name: str) -> st
     pyfunc over the weights file, tagged with its sha256); returns the version."""
     import mlflow
 
-    from digits.data.preprocess import file_digest
+    from digits.core.files import file_digest
     from digits.tracking import pyfunc as serving
     from digits.tracking import registry
 
@@ -401,7 +401,7 @@ def registered(project: Path, uri: str | None = None, name: str = "mnist-mlp") -
     names it: the store does): the newest version of that file, its run and experiment."""
     from mlflow import MlflowClient
 
-    from digits.data.preprocess import file_digest
+    from digits.core.files import file_digest
     from digits.tracking import registry
 
     uri = uri or f"sqlite:///{project / 'mlflow.db'}"

@@ -289,7 +289,7 @@ def test_two_workers_run_one_study_on_the_team_database(team, clones, lr_study):
     home = a if name in dvc(a, "exp", "list", env=env_a).stdout else b
     env = env_a if home == a else env_b
     dvc(home, "exp", "apply", name, env=env)
-    from digits.data.preprocess import file_digest
+    from digits.core.files import file_digest
 
     model = home / "models/model.safetensors"
     assert file_digest(model) == by_trial[winner.number].data.tags["digits.model_sha256"]

@@ -454,8 +454,8 @@ def test_metric_names_group_by_prefix():
 
 @pytest.mark.slow
 def test_run_records_origin_datasets_and_training(tmp_path, evaluate_ready):
+    from digits.core.files import file_digest
     from digits.core.mnist import RESOURCES
-    from digits.data.preprocess import file_digest
 
     project = tmp_path / "project"
     shutil.copytree(evaluate_ready, project)

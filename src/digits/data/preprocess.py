@@ -15,7 +15,7 @@ import numpy as np
 
 from digits.core.errors import DigitsError
 from digits.core.files import atomic_path, write_text
-from digits.core.files import file_digest as file_digest  # the callers' old home of it
+from digits.core.files import file_digest as file_digest  # re-exported: the stages, predict
 from digits.core.mnist import COLS, NUM_CLASSES, NUM_PIXELS, ROWS
 
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
