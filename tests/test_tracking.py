@@ -286,6 +286,35 @@ def test_the_run_lives_while_the_model_trains(tmp_path):
     ).read_bytes()
 
 
+def test_sigterm_raises_while_the_block_runs():
+    """SIGTERM raises the given exception (the run's Terminated, the team server's stop) in the
+    block, the previous handler is back after it, and in another thread, where Python cannot
+    take signals, it changes nothing."""
+    import threading
+
+    from digits.core.errors import sigterm_raises
+    from digits.tracking.runs import Terminated
+
+    def terminated() -> None:
+        with sigterm_raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before kill returns
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match="signal 15"):
+        terminated()
+    assert signal.getsignal(signal.SIGTERM) == before
+    handlers = []
+
+    def elsewhere():
+        with sigterm_raises(Terminated):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert handlers == [before]
+
+
 @pytest.mark.slow
 def test_sigterm_marks_the_run_killed(tmp_path):
     project, env = live_project(tmp_path, epochs=200)
