@@ -43,8 +43,11 @@ lock:             ## pin every dependency again from pyproject.toml (pip-compile
 run: install      ## download, preprocess, train, evaluate (and gate): dvc repro
 	dvc repro
 
+# The suite on TEST_WORKERS pytest-xdist workers (TEST_WORKERS=0: in this process), a test
+# module to a worker, longest first (tests/conftest.py: how tests are grouped, and why).
+TEST_WORKERS ?= 2
 test: install     ## the full test suite, as CI runs it (real DVC, MLflow, PostgreSQL, Chromium; minutes)
-	python -m pytest
+	python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: install ## the quick tests for the edit loop (no pipeline runs, servers or browsers; < 1 min)
 	python -m pytest -m "not slow" -q

@@ -291,6 +291,21 @@ def start_chromium(width: int = 1280, height: int = 900):
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
+def wait_still(driver, timeout: float = 30) -> None:
+    """Return once the page looks the same in two screenshots in a row (its transitions and
+    animations over): what a test waits for before taking a picture. Fails after `timeout`."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    last = [driver.get_screenshot_as_png()]
+
+    def still(d) -> bool:
+        shot = d.get_screenshot_as_png()
+        same, last[0] = shot == last[0], shot
+        return same
+
+    WebDriverWait(driver, timeout, poll_frequency=0.3).until(still, "the page never stopped moving")
+
+
 def register_champion(store: Path, epochs: int = 4, name: str = "mnist-mlp") -> dict:
     """A real model for the tests that use one: the project's trainer with outlier exposure, a
     few epochs on real MNIST (about 97% accurate, seconds on a CPU), calibrated as the train
@@ -346,7 +361,7 @@ def register(store_uri: str, experiment_id: str, weights: Path, name: str) -> st
     pyfunc over the weights file, tagged with its sha256); returns the version."""
     import mlflow
 
-    from digits.data.preprocess import file_digest
+    from digits.core.files import file_digest
     from digits.tracking import pyfunc as serving
     from digits.tracking import registry
 
@@ -369,13 +384,13 @@ def glyph_image(char: str, font: str = "cmr10.ttf", side: int = 160) -> bytes:
     in training): a picture of something that is not a digit."""
     import io
 
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
-    from digits.data.outliers import _font
+    from digits.data.outliers import font_dir
 
     img = Image.new("L", (side, side), 255)
-    ImageDraw.Draw(img).text((side / 2, side / 2), char, fill=20, font=_font(font, side // 2),
-                             anchor="mm")  # fmt: skip
+    face = ImageFont.truetype(str(font_dir() / font), side // 2)
+    ImageDraw.Draw(img).text((side / 2, side / 2), char, fill=20, font=face, anchor="mm")
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
@@ -386,7 +401,7 @@ def registered(project: Path, uri: str | None = None, name: str = "mnist-mlp") -
     names it: the store does): the newest version of that file, its run and experiment."""
     from mlflow import MlflowClient
 
-    from digits.data.preprocess import file_digest
+    from digits.core.files import file_digest
     from digits.tracking import registry
 
     uri = uri or f"sqlite:///{project / 'mlflow.db'}"

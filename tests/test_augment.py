@@ -11,7 +11,7 @@ from torch import nn
 
 from digits.core.config import parse_params
 from digits.data.preprocess import load_split, preprocess
-from digits.model.augment import BatchWarp, _grid_basis, augment_batch, make_augment
+from digits.model.augment import BatchWarp, augment_batch, grid_basis, make_augment
 from digits.model.network import save_model
 from digits.stages.train import train
 from helpers import make_fake_mnist
@@ -34,7 +34,7 @@ def digits_like(n: int = 60) -> torch.Tensor:
 
 def test_grid_basis_is_affine_grid_plus_bicubic_upsampling():
     theta = torch.randn(5, 2, 3)
-    basis = _grid_basis(4, CPU)
+    basis = grid_basis(4, CPU)
     fast = (theta @ basis[:3]).transpose(1, 2)  # (5, 784, 2)
     ref = nn.functional.affine_grid(theta, (5, 1, 28, 28), align_corners=False).view(5, 784, 2)
     assert torch.allclose(fast, ref, atol=1e-5)

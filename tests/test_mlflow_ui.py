@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import git, init_git, make_trained_project, registered, run, set_params, start_chromium
+from helpers import (
+    git,
+    init_git,
+    make_trained_project,
+    registered,
+    run,
+    set_params,
+    start_chromium,
+    wait_still,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +170,7 @@ def test_runs_table_names_runs_and_shows_datasets(store, ui, browser, tmp_path):
     # for the picture: how well and how long each trained, not the Source ("dvc repro")
     toggle_columns(browser, "test_accuracy", "training/seconds", "Source")
     wait_for_text(browser, "test_accuracy")
-    time.sleep(1)  # let the table settle before the picture
+    wait_still(browser)  # the table settled before the picture
     shot = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path) / "mlflow-runs.png"
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000

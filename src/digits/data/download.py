@@ -9,7 +9,6 @@ checksum matches."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import socket
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digits.core.errors import DigitsError
+from digits.core.files import file_digest
 from digits.core.mnist import OFFICIAL_MIRRORS, RESOURCES
 
 if TYPE_CHECKING:
@@ -35,8 +35,7 @@ def md5_matches(path: Path, md5: str) -> bool:
     """True when `path` is a file with this MD5 (what torchvision's check_integrity does)."""
     if not path.is_file():
         return False
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest() == md5
+    return file_digest(path, "md5") == md5
 
 
 def mirrors_from_env() -> list[str]:

@@ -6,7 +6,6 @@ scales them to float32 in [0, 1] in one vectorised step when a stage reads them.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from digits.core.errors import DigitsError
 from digits.core.files import atomic_path, write_text
+from digits.core.files import file_digest as file_digest  # re-exported: the stages, predict
 from digits.core.mnist import COLS, NUM_CLASSES, NUM_PIXELS, ROWS
 
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
@@ -194,15 +194,6 @@ def load_labels(path: Path, name: str) -> np.ndarray:
     if y.dtype != np.uint8 or y.ndim != 1 or (y.size and y.max() >= NUM_CLASSES):
         raise DataError(f"{path}:{name}: labels {y.dtype}{y.shape}, expected uint8 (N,) in 0-9")
     return y.astype(np.int64)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file: the data identity recorded with every model (and checkpoint)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(params: Params) -> dict:

@@ -124,7 +124,7 @@ class BatchWarp:
             g = p.warp_grid
             field = torch.randn(n, 2, g * g, device=dev) * (p.warp_elastic * 2 / ROWS)
             coef = torch.cat([coef, field], 2)
-        basis = _grid_basis(p.warp_grid if p.warp_elastic > 0 else 0, dev)
+        basis = grid_basis(p.warp_grid if p.warp_elastic > 0 else 0, dev)
         grid = (coef.view(n * 2, -1) @ basis).view(n, 2, ROWS, COLS)  # x and y planes
         grid = grid.permute(0, 2, 3, 1)  # grid_sample's (B, H, W, 2), as a view
         return nn.functional.grid_sample(img, grid, padding_mode="zeros", align_corners=False)
@@ -148,14 +148,21 @@ class BatchWarp:
         side = torch.randint(max(1, s // 2), s + 1, (n, 1, 1), device=dev)
         top = (torch.rand(n, 1, 1, device=dev) * (25 - side)).long() + 2
         left = (torch.rand(n, 1, 1, device=dev) * (25 - side)).long() + 2
-        rows = torch.arange(ROWS, device=dev).view(1, ROWS, 1)
-        cols = torch.arange(COLS, device=dev).view(1, 1, COLS)
-        box = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-        part.masked_fill_(box.unsqueeze(1), 0.0)
+        part.masked_fill_(square_mask(top, left, side), 0.0)
+
+
+def square_mask(top: torch.Tensor, left: torch.Tensor, side: torch.Tensor | int) -> torch.Tensor:
+    """(N, 1, 28, 28) bool, True inside each image's square of `side` pixels whose top-left
+    pixel is (top, left); top, left (and side, unless one int) are (N, 1, 1) integer tensors.
+    The erase change here, and the occlusion corruption the robustness suite scores."""
+    rows = torch.arange(ROWS, device=top.device).view(1, ROWS, 1)
+    cols = torch.arange(COLS, device=top.device).view(1, 1, COLS)
+    box = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+    return box.unsqueeze(1)
 
 
 @functools.cache
-def _grid_basis(g: int, device: torch.device) -> torch.Tensor:
+def grid_basis(g: int, device: torch.device) -> torch.Tensor:
     """(3 + g*g, 784): x, y and 1 at every pixel centre in grid_sample's [-1, 1] coordinates,
     then (g > 0) the bicubic upsampling of a g x g field to 28 x 28, one row per control point."""
     xs = (torch.arange(COLS, device=device) * 2 + 1) / COLS - 1

@@ -39,7 +39,7 @@ class State:
     """What a checkpoint holds."""
 
     epoch: int
-    history: list[dict]  # the finished epochs' rows (digits.stages.train.Epoch as dicts)
+    history: list[dict]  # the finished epochs' rows (digits.core.reports.Epoch as dicts)
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]

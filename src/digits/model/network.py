@@ -1,9 +1,10 @@
 """The network, and how it is stored.
 
 `build_mlp` returns logits: CrossEntropyLoss applies log-softmax itself, so a softmax before the
-loss would be applied twice. Users see probabilities through `Probabilities`, the wrapper that is
-logged to MLflow. Weights are saved as safetensors with the architecture in the header, so a
-model file is self-describing and loading it runs no pickle.
+loss would be applied twice. Users see probabilities from the numpy model that a registered
+version runs (`digits.model.inference.Classifier`), which also reads the model files back. Weights
+are saved as safetensors with the architecture in the header, so a model file is
+self-describing and loading it runs no pickle.
 
 With the portable numerics on (the default, `digits.core.numerics`), the layers are
 `PortableLinear`: an `nn.Linear` whose three matrix products (forward, and the input and weight
@@ -23,7 +24,7 @@ from torch import nn
 from digits.core import blas
 from digits.core.files import atomic_path
 from digits.core.mnist import NUM_CLASSES, NUM_PIXELS
-from digits.model.inference import HEADER_KEY, ModelError, read_model_file  # noqa: F401 (re-exported)
+from digits.model.inference import HEADER_KEY
 
 
 class _BlasLinear(torch.autograd.Function):
@@ -72,17 +73,6 @@ def build_mlp(
     return nn.Sequential(*layers)
 
 
-class Probabilities(nn.Module):
-    """What a user calls: a (N, 784) float32 batch in [0, 1] -> (N, 10) class probabilities."""
-
-    def __init__(self, logits_model: nn.Module):
-        super().__init__()
-        self.net = logits_model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=1)
-
-
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 10000) -> torch.Tensor:
     """Logits for a whole split, in eval mode, a batch at a time (memory stays bounded)."""
@@ -108,16 +98,3 @@ def save_model(
     meta = {HEADER_KEY: json.dumps(header, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
-
-
-def load_model(path: str | Path, portable: bool | None = None) -> nn.Sequential:
-    """Rebuild the torch network from a file written by save_model (read by
-    digits.model.inference, which checks it), in eval mode."""
-    model_file = read_model_file(path)
-    model = build_mlp(model_file.hidden_sizes, model_file.dropout, portable)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in model_file.tensors.items()})
-    return model.eval()
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

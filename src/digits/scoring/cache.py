@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from digits.core.files import file_digest
+
 CACHE_TAG = "gate.score"
 CACHE_FORMAT = 1  # of the record in CACHE_TAG: bump when what a score means changes
 
@@ -54,7 +56,7 @@ def files_sha256(folder: Path) -> str:
     h = hashlib.sha256()
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(bytes.fromhex(file_digest(path)))
     return h.hexdigest()
 
 

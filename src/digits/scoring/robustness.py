@@ -38,6 +38,7 @@ from torchvision.transforms.v2 import functional as F
 from digits.core.errors import DigitsError
 from digits.core.metrics import DIGITS
 from digits.core.mnist import COLS, NUM_PIXELS, ROWS
+from digits.model.augment import square_mask
 
 BILINEAR = F.InterpolationMode.BILINEAR
 
@@ -130,10 +131,7 @@ def occlusion(x, g, size: int = 6):
     lo, hi = 4, 24 - size  # top-left corner such that the square stays in the central box
     top = torch.randint(lo, hi + 1, (len(x), 1, 1), generator=g)
     left = torch.randint(lo, hi + 1, (len(x), 1, 1), generator=g)
-    rows = torch.arange(ROWS).view(1, ROWS, 1)
-    cols = torch.arange(COLS).view(1, 1, COLS)
-    box = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    return x.masked_fill(box.unsqueeze(1), 0.0)
+    return x.masked_fill(square_mask(top, left, size), 0.0)
 
 
 CORRUPTIONS: dict[str, Callable] = {

@@ -27,10 +27,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-from digits.core.errors import DigitsError, redact
+from digits.core.errors import DigitsError, redact, sigterm_raises
 
 PG_HINT = "install PostgreSQL (apt-get install postgresql) or pass --backend-store-uri"
 PG_USER = "mlflow"  # the superuser of a throwaway cluster, and MLflow's database user in it
@@ -202,20 +201,6 @@ class _Stopped(BaseException):
     """SIGTERM arrived: a requested stop, like Ctrl-C."""
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into an exception, so `finally` blocks stop the server and the cluster."""
-
-    def handler(signum, frame):
-        raise _Stopped
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the server's process group (uvicorn and its workers), SIGKILL if it lingers."""
     if proc.poll() is not None:
@@ -233,7 +218,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def main(args) -> int:
     """Run the team server until it exits or is stopped (Ctrl-C, SIGTERM: exit status 0)."""
     try:
-        with _stop_on_sigterm():
+        with sigterm_raises(_Stopped):  # so `finally` blocks stop the server and the cluster
             return serve(args)
     except (KeyboardInterrupt, _Stopped):
         return 0

@@ -2,11 +2,11 @@
 registers it as a new version.
 
 A version is an MLflow pyfunc in the "models from code" form: the code file
-`digits/mlflow_model.py` with the few library modules it runs (`inference` and what it imports,
-copied into the model's `code/` folder), and the weights file as an artifact. Loading it runs
-that code over the weights, in numpy: no pickle, no torch, no exporter. `digits predict` and
-the gate read the weights artifact with the installed `digits.model.inference` instead (no code from
-the registry runs); both paths are the same code, so what is served is what the gate scored."""
+`digits/tracking/mlflow_model.py` with the few library modules it runs (`inference` and what it
+imports, copied into the model's `code/` folder), and the weights file as an artifact. Loading it
+runs that code over the weights, in numpy: no pickle, no torch, no exporter. `digits predict` and
+the gate read the weights artifact with the installed `digits.model.inference` instead (no code
+from the registry runs); both paths are the same code, so what is served is what the gate scored."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from digits.core.mnist import COLS, NUM_CLASSES, NUM_PIXELS, ROWS
 
 CODE_FILE = Path(__file__).with_name("mlflow_model.py")
-# what mlflow_model.py imports, and what those import (tests/test_serving.py checks the list)
+# what mlflow_model.py imports, and what those import (tests/test_tracking.py checks the list)
 SERVED_MODULES = (
     "__init__.py",
     "core/__init__.py",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 from digits.core import provenance
 from digits.core.config import Params, flat_params
+from digits.core.errors import sigterm_raises
 from digits.core.files import repo_root
 from digits.core.reports import Epoch
 from digits.tracking import lineage, registry
@@ -82,22 +82,6 @@ def workspace_id() -> str:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def active_run(
     store: Store, run_id: str | None = None, *, system_metrics: bool = False, **create: Any
 ) -> Iterator[str]:
@@ -115,7 +99,7 @@ def active_run(
         )
     status = "FINISHED"
     try:
-        with _sigterm_raises():
+        with sigterm_raises(Terminated):
             yield run.info.run_id
     except KeyboardInterrupt:
         status = "KILLED"
