@@ -29,6 +29,7 @@ from digits.core import provenance
 from digits.core.config import Params, flat_params
 from digits.core.files import repo_root
 from digits.core.reports import Epoch
+from digits.core.settings import Sweep
 from digits.tracking import lineage, registry
 from digits.tracking.store import Store, open_store
 
@@ -106,6 +107,7 @@ def active_run(
     raises, KILLED on Ctrl+C or SIGTERM."""
     import mlflow
 
+    store.make_current()  # the fluent API's store: the run's, its model's, its artifacts'
     with store.writing():
         run = mlflow.start_run(
             run_id=run_id,
@@ -144,7 +146,7 @@ SWEEP_ENV = "DIGITS_SWEEP"
 def sweep_tags() -> dict[str, str]:
     """A `digits sweep` trial's run (the sweep hands it SWEEP_ENV): a child of the study's
     parent run, tagged with the study, the trial's number and the worker that ran it."""
-    raw = os.environ.get(SWEEP_ENV)
+    raw = Sweep.read().trial
     if not raw:
         return {}
     trial = json.loads(raw)
