@@ -1,14 +1,17 @@
 """params.yaml validation: every bad value stops a stage before any work, with one line that
-names the key and says what was expected."""
+names the key and says what was expected. And the environment variables: each declared once
+(digits.core.settings), listed in docs/settings.md, read only through there and only when used."""
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from digits.core import numerics, settings
 from digits.core.config import ConfigError, Params, TrainParams, flat_params, load_params
 from helpers import ROOT, run
 
@@ -157,3 +160,82 @@ def test_download_stage_validates_before_network(tmp_path):
         "equal to 0, got -1"
     ]
     assert {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} == before  # no data/raw
+
+
+# --- environment variables ---------------------------------------------------------------------
+
+
+def test_every_environment_variable_is_in_the_docs_with_its_default():
+    doc = (ROOT / "docs" / "settings.md").read_text()
+    for group in settings.GROUPS:
+        for field in group.model_fields.values():
+            default = field.default
+            shown = f"`{default}`" if default not in (None, "") else "unset"
+            assert f"| `{field.validation_alias}` | {shown} |" in doc, field.validation_alias
+    for name in [*numerics.PINS, *settings.MLFLOW_CLIENT_DEFAULTS]:  # what the project sets
+        assert f"| `{name}` |" in doc, name
+
+
+def environment_reads(path: Path) -> list[int]:
+    """Lines of `path` that read the environment: os.getenv(...), os.environ.get(...),
+    os.environ[...] (not a write), `... in os.environ`."""
+
+    def environ(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            f = node.func
+            if f.attr == "getenv" or (f.attr == "get" and environ(f.value)):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Subscript) and environ(node.value):
+            if isinstance(node.ctx, ast.Load):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Compare) and any(environ(c) for c in node.comparators):
+            lines.append(node.lineno)
+    return lines
+
+
+# modules that read the environment themselves, and why
+READ_ELSEWHERE = {
+    "core/settings.py": "the one place",
+    # the library pins it sets (numerics.PINS), recorded as they are in force
+    "core/numerics.py": "pin_or_reexec compares the pins before and after setting them",
+    "tracking/runs.py": "numerics_tags records the pins in force",
+}
+
+
+def test_no_module_reads_the_environment_but_through_settings():
+    package = ROOT / "src" / "digits"
+    reads = {
+        path.relative_to(package).as_posix(): lines
+        for path in sorted(package.rglob("*.py"))
+        if (lines := environment_reads(path))
+    }
+    assert set(reads) <= set(READ_ELSEWHERE), reads
+    # and the checker finds a read
+    assert environment_reads(ROOT / "tests" / "helpers.py")
+
+
+def test_a_bad_variable_is_one_line_naming_it_and_stops_only_its_group(monkeypatch):
+    monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "soon")
+    with pytest.raises(settings.SettingsError) as e:
+        settings.Sweep.read()
+    assert str(e.value) == "DIGITS_SWEEP_HEARTBEAT: expected a whole number, got 'soon'"
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    assert settings.Dvc.read().exp_name == "exp-1"  # another group reads on
+    monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "")  # empty: unset, the default
+    assert settings.Sweep.read().heartbeat == 10
+    monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "3")  # read when asked, not at import
+    assert settings.Sweep.read().heartbeat == 3
+    assert settings.Numerics.read({"DIGITS_PORTABLE_NUMERICS": "0"}).enabled is False
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    assert "hunter2" not in repr(settings.Mlflow.read())  # a secret stays out of logs
+
+
+def test_importing_reads_no_variable(tmp_path):
+    """A bad value stops what uses it, not an import (sweep.py read one at import once)."""
+    bad = {"DIGITS_SWEEP_HEARTBEAT": "soon", "MNIST_TIMEOUT": "-1", "OPENBLAS_NUM_THREADS": "x"}
+    code = "import digits.sweep.study, digits.data.download, digits.core.blas, digits.cli"
+    run([sys.executable, "-c", code], cwd=tmp_path, env=bad)
