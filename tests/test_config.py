@@ -174,6 +174,7 @@ def test_every_environment_variable_is_in_the_docs_with_its_default():
             assert f"| `{field.validation_alias}` | {shown} |" in doc, field.validation_alias
     for name in [*numerics.PINS, *settings.MLFLOW_CLIENT_DEFAULTS]:  # what the project sets
         assert f"| `{name}` |" in doc, name
+    assert f"| `{numerics.SWITCH}` | `1` |" in doc  # what the served model's code reads
 
 
 def environment_reads(path: Path) -> list[int]:
@@ -200,9 +201,11 @@ def environment_reads(path: Path) -> list[int]:
 # modules that read the environment themselves, and why
 READ_ELSEWHERE = {
     "core/settings.py": "the one place",
-    # the library pins it sets (numerics.PINS), recorded as they are in force
-    "core/numerics.py": "pin_or_reexec compares the pins before and after setting them",
-    "tracking/runs.py": "numerics_tags records the pins in force",
+    # shipped in the registered model (digits.tracking.pyfunc.SERVED_MODULES), with its own
+    # few requirements: they import nothing of the project's but each other and errors
+    "core/numerics.py": "DIGITS_PORTABLE_NUMERICS, and the library pins it sets",
+    "core/blas.py": "OPENBLAS_NUM_THREADS, OPENBLAS_CORETYPE",
+    "tracking/runs.py": "numerics_tags records the library pins in force",
 }
 
 
@@ -229,13 +232,25 @@ def test_a_bad_variable_is_one_line_naming_it_and_stops_only_its_group(monkeypat
     assert settings.Sweep.read().heartbeat == 10
     monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "3")  # read when asked, not at import
     assert settings.Sweep.read().heartbeat == 3
-    assert settings.Numerics.read({"DIGITS_PORTABLE_NUMERICS": "0"}).enabled is False
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
     assert "hunter2" not in repr(settings.Mlflow.read())  # a secret stays out of logs
 
 
 def test_importing_reads_no_variable(tmp_path):
     """A bad value stops what uses it, not an import (sweep.py read one at import once)."""
-    bad = {"DIGITS_SWEEP_HEARTBEAT": "soon", "MNIST_TIMEOUT": "-1", "OPENBLAS_NUM_THREADS": "x"}
-    code = "import digits.sweep.study, digits.data.download, digits.core.blas, digits.cli"
+    bad = {"DIGITS_SWEEP_HEARTBEAT": "soon", "MNIST_TIMEOUT": "-1", "MLFLOW_TRACKING_URI": ""}
+    code = "import digits.sweep.study, digits.data.download, digits.tracking.store, digits.cli"
     run([sys.executable, "-c", code], cwd=tmp_path, env=bad)
+
+
+def test_the_registered_models_code_imports_only_itself():
+    """numerics and blas read their variables themselves (not through digits.core.settings):
+    they are shipped in every registered model, which has none of the project's other code."""
+    from digits.tracking.pyfunc import SERVED_MODULES
+    from test_stage_deps import SRC, imported_modules, module_file
+
+    package = SRC / "digits"
+    served = {package / m for m in SERVED_MODULES}
+    for path in served:
+        files = {module_file(name) for name in imported_modules(path)} - {None}
+        assert files <= served, (path, files - served)

@@ -7,12 +7,12 @@ torch-free inference (`digits.model.inference`) both multiply here."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 
 from digits.core import numerics
-from digits.core.settings import Numerics
 
 _threads_pinned = False
 
@@ -32,13 +32,12 @@ def pin_threads() -> None:
         return
     from threadpoolctl import ThreadpoolController
 
-    settings = Numerics.read()
-    threads = settings.openblas_threads or numerics.BLAS_THREADS
+    threads = int(os.environ.get("OPENBLAS_NUM_THREADS", numerics.BLAS_THREADS))
     for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers:
         if lib.num_threads != threads:
             lib.set_num_threads(threads)
         if lib.architecture not in numerics.PORTABLE_CORETYPES:
-            why = settings.openblas_coretype
+            why = os.environ.get("OPENBLAS_CORETYPE")
             why = f"OPENBLAS_CORETYPE={why}" if why else "numpy was loaded before the pins"
             print(
                 f"digits: warning: numpy's OpenBLAS runs its {lib.architecture} kernels, not "

@@ -30,8 +30,6 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-from digits.core.settings import Numerics
-
 BLAS_THREADS = 2
 PINS: dict[str, str] = {
     "OPENBLAS_CORETYPE": "Haswell",  # numpy's OpenBLAS: its AVX2 kernels on every CPU
@@ -50,7 +48,8 @@ PORTABLE_CORETYPES = ("Haswell", "Zen")
 
 def enabled(environ: MutableMapping[str, str] | None = None) -> bool:
     """Whether the portable numerics are on (the default)."""
-    return Numerics.read(environ).enabled
+    env = os.environ if environ is None else environ
+    return env.get(SWITCH, "1") != "0"
 
 
 def pin(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

@@ -7,9 +7,13 @@ test may change the environment between two reads, and a bad value stops only wh
 group, with one line naming the variable and what was expected (SettingsError). An empty value
 counts as unset.
 
-Not here: what the project *sets* for libraries that read it themselves (numerics.PINS, the
-MLflow client's HTTP_DEFAULTS in digits.tracking.store, ...), and what only MLflow reads
-(MLFLOW_HTTP_REQUEST_*, ...): docs/settings.md lists those too."""
+Not here: what the project *sets* for libraries that read it themselves (numerics.PINS,
+MLFLOW_CLIENT_DEFAULTS below, ...) and what only MLflow reads (MLFLOW_HTTP_REQUEST_*, ...); and
+the reproducibility switches that digits.core.numerics and digits.core.blas read themselves
+(DIGITS_PORTABLE_NUMERICS, OPENBLAS_NUM_THREADS, OPENBLAS_CORETYPE): those two modules are
+shipped in every registered model (digits.tracking.pyfunc.SERVED_MODULES), which runs with its
+own few pinned requirements, so they import nothing of the project but each other and errors.
+docs/settings.md lists them all."""
 
 from __future__ import annotations
 
@@ -109,31 +113,6 @@ class Mnist(_Settings):
     )
 
 
-class Numerics(_Settings):
-    """The reproducibility pins (digits.core.numerics, digits.core.blas)."""
-
-    portable: str = _var(
-        "DIGITS_PORTABLE_NUMERICS",
-        "1",
-        "`0` turns the bit-for-bit pins off (torch's own kernels, results then depend on the CPU).",
-    )
-    openblas_threads: Count | None = _var(
-        "OPENBLAS_NUM_THREADS",
-        None,
-        "OpenBLAS's threads, also set at run time; unset: the pin, 2 (another count gives "
-        "other bytes).",
-    )
-    openblas_coretype: str | None = _var(
-        "OPENBLAS_CORETYPE",
-        None,
-        "OpenBLAS's kernels (pinned to Haswell); named in the warning when another is in force.",
-    )
-
-    @property
-    def enabled(self) -> bool:
-        return self.portable != "0"
-
-
 class Mlflow(_Settings):
     """The MLflow client's variables that the project reads too: MLflow reads them itself, and
     digits.tracking.resolve and the /health probe send the same credentials and TLS settings."""
@@ -221,7 +200,7 @@ class Serve(_Settings):
     )
 
 
-GROUPS: tuple[type[_Settings], ...] = (Dvc, Mnist, Numerics, Mlflow, Sweep, Serve)
+GROUPS: tuple[type[_Settings], ...] = (Dvc, Mnist, Mlflow, Sweep, Serve)
 
 
 # What the project sets for MLflow's client, which reads these from the environment only: its
