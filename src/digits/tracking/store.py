@@ -181,9 +181,9 @@ def open_store(experiment: str, uri: str | None = None) -> Store:
 
     uri = uri or tracking_uri()
     check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with store_lock(uri):
+    with store_lock(uri):  # a client's first call creates (migrates) a fresh SQLite store
         try:
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             exp = client.get_experiment_by_name(experiment) or _create_experiment(
                 client, experiment, uri
             )
