@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from digits.core.settings import Dvc
+from digits.core.settings import DVC_ROOT
 
 # The layout dvc.yaml declares, relative to the repository root (stages run with cwd = root).
 RAW_DIR = Path("data/raw")
@@ -28,7 +28,7 @@ GATE_VERDICT = Path("reports/gate.json")  # the absolute gates passed: the gate'
 def repo_root() -> Path:
     """The project root: DVC_ROOT when DVC runs us (for a queued experiment it names the parent
     repository, not the temporary copy), else the nearest folder up from cwd with a dvc.yaml."""
-    if root := Dvc.read().root:
+    if root := DVC_ROOT.get():
         return Path(root).resolve()
     here = Path.cwd().resolve()
     for d in (here, *here.parents):

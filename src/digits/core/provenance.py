@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from digits.core.errors import DigitsError
-from digits.core.settings import Dvc
+from digits.core.settings import DVC_EXP_BASELINE_REV, DVC_EXP_NAME
 
 GIT_TIMEOUT = 30  # seconds: a git that hangs (a lock, a network filesystem) fails the command
 
@@ -176,8 +176,7 @@ class Origin:
 
 def run_origin(root: Path) -> Origin:
     """The Origin of a run in `root` (outside git: an empty one, but for the experiment)."""
-    dvc = Dvc.read()
-    experiment = dvc.exp_name
+    experiment = DVC_EXP_NAME.get() or ""
     commit = head_commit(root)
     if not commit:
         return Origin(experiment=experiment)
@@ -189,5 +188,5 @@ def run_origin(root: Path) -> Origin:
         branch=head_branch(root),
         changed=changed,
         experiment=experiment,
-        baseline=dvc.exp_baseline_rev if experiment else "",
+        baseline=(DVC_EXP_BASELINE_REV.get() or "") if experiment else "",
     )

@@ -1,207 +1,197 @@
-"""Every environment variable the project reads, declared once: its name, type, default and
+"""Every environment variable the project reads, declared once: its name, default, type and
 what it does. docs/settings.md lists them (tests/test_config.py checks the two agree, and that
 no module reads the environment but through here).
 
-One class per concern, read when asked (`Mnist.read()`), never at import: a parent process or a
-test may change the environment between two reads, and a bad value stops only what uses its
-group, with one line naming the variable and what was expected (SettingsError). An empty value
-counts as unset.
+Each is read when asked (`MNIST_TIMEOUT.get()`), never at import: a parent process or a test
+may change the environment between two reads, and a bad value stops only what uses it, with one
+line naming the variable and what was expected (SettingsError). An empty value counts as unset.
+
+Standard library only, and no class built at import: this module is loaded by every process,
+`digits predict` included, whose start-up is a third of a second (pydantic-settings cost 40-80
+ms of it, measured).
 
 Not here: what the project *sets* for libraries that read it themselves (numerics.PINS,
 MLFLOW_CLIENT_DEFAULTS below, ...) and what only MLflow reads (MLFLOW_HTTP_REQUEST_*, ...); and
 the reproducibility switches that digits.core.numerics and digits.core.blas read themselves
 (DIGITS_PORTABLE_NUMERICS, OPENBLAS_NUM_THREADS, OPENBLAS_CORETYPE): those two modules are
 shipped in every registered model (digits.tracking.pyfunc.SERVED_MODULES), which runs with its
-own few pinned requirements, so they import nothing of the project but each other and errors.
+own few pinned requirements, so they import nothing of the project's but each other and errors.
 docs/settings.md lists them all."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
-from typing import Annotated, Any, Self
-
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from digits.core.errors import DigitsError
+
+T = TypeVar("T")
 
 
 class SettingsError(DigitsError):
     """A bad environment variable; str() is the one-line message shown to the user."""
 
 
-def _positive(what: str, kind: type[float] | type[int]):
-    """A before-validator: the variable as a positive `kind`, else the project's message."""
+@dataclass(frozen=True)
+class Var(Generic[T]):
+    """An environment variable: `get()` is its value, parsed, or the default when unset."""
 
-    def check(raw: Any) -> float | int:
+    name: str
+    default: T
+    doc: str
+    parse: Callable[[str], T] | None = None  # None: the text as it is
+
+    def get(self, environ: Mapping[str, str] | None = None) -> T:
+        raw = (os.environ if environ is None else environ).get(self.name, "")
+        if raw == "":
+            return self.default
+        if self.parse is None:
+            return raw  # type: ignore[return-value]  # a Var without parse is a Var[str | None]
+        try:
+            return self.parse(raw)
+        except ValueError as e:
+            raise SettingsError(f"{self.name}: {e}, got {raw!r}") from None
+
+
+def _positive(kind: Callable[[str], T], what: str) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
         try:
             value = kind(raw)
-        except (TypeError, ValueError):
+        except ValueError:
             raise ValueError(f"expected a {what}") from None
-        if value <= 0:
+        if not value > 0:  # type: ignore[operator]
             raise ValueError(f"expected a positive {what}")
         return value
 
-    return BeforeValidator(check)
+    return parse
 
 
-Seconds = Annotated[float, _positive("number of seconds", float)]
-Count = Annotated[int, _positive("whole number", int)]
+seconds = _positive(float, "number of seconds")
+count = _positive(int, "whole number")
 
+# --- what DVC tells a stage it runs ------------------------------------------------------------
 
-class _Settings(BaseSettings):
-    # the names are the variables' own (validation_alias), matched exactly
-    model_config = SettingsConfigDict(
-        case_sensitive=True, env_ignore_empty=True, extra="ignore", frozen=True
-    )
+DVC_ROOT: Var[str | None] = Var(
+    "DVC_ROOT",
+    None,
+    "The repository root (for a queued experiment, the parent repository, not its temporary "
+    "copy); unset: the nearest folder up from the working directory with a dvc.yaml.",
+)
+DVC_EXP_NAME: Var[str | None] = Var(
+    "DVC_EXP_NAME",
+    None,
+    "The DVC experiment this run belongs to: its MLflow run's name and tags; an experiment "
+    "never promotes.",
+)
+DVC_EXP_BASELINE_REV: Var[str | None] = Var(
+    "DVC_EXP_BASELINE_REV", None, "The commit a DVC experiment started from (a run tag)."
+)
 
-    @classmethod
-    def read(cls, environ: Mapping[str, str] | None = None) -> Self:
-        """The group's variables from the environment (or from `environ`, a mapping)."""
-        try:
-            if environ is None:
-                return cls()
-            # the mapping alone (keyword arguments would be merged with the environment's)
-            given = {f.validation_alias: f.default for f in cls.model_fields.values()}
-            given.update({k: v for k, v in environ.items() if k in given and v != ""})
-            return cls.model_validate(given)
-        except ValidationError as e:
-            err = e.errors()[0]
-            name = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            said = f"{name}: {msg[0].lower()}{msg[1:]}, got {err['input']!r}"
-            raise SettingsError(said) from None
+# --- the download stage ------------------------------------------------------------------------
 
+MNIST_MIRROR: Var[str | None] = Var(
+    "MNIST_MIRROR",
+    None,
+    "Comma-separated mirrors tried in order, each an http(s) URL or a local folder; unset: the "
+    "official MNIST mirrors (torchvision's list).",
+)
+MNIST_TIMEOUT: Var[float] = Var(
+    "MNIST_TIMEOUT", 30.0, "Seconds without a byte before a mirror counts as stalled.", seconds
+)
 
-def _var(name: str, default: Any, doc: str) -> Any:
-    """A field read from the variable `name`, exactly."""
-    return Field(default, validation_alias=name, description=doc)
+# --- the MLflow store: MLflow's own client variables, which the project reads too -------------
 
+MLFLOW_TRACKING_URI: Var[str | None] = Var(
+    "MLFLOW_TRACKING_URI",
+    None,
+    "The MLflow store or tracking server; unset: sqlite `mlflow.db` at the repository root.",
+)
+MLFLOW_TRACKING_TOKEN: Var[str | None] = Var(
+    "MLFLOW_TRACKING_TOKEN", None, "A bearer token for the tracking server."
+)
+MLFLOW_TRACKING_USERNAME: Var[str | None] = Var(
+    "MLFLOW_TRACKING_USERNAME", None, "The login of a server behind MLflow's basic-auth app."
+)
+MLFLOW_TRACKING_PASSWORD: Var[str | None] = Var(
+    "MLFLOW_TRACKING_PASSWORD", None, "Its password (with MLFLOW_TRACKING_USERNAME)."
+)
+MLFLOW_TRACKING_INSECURE_TLS: Var[bool] = Var(
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    False,
+    "`true` skips the check of the server's TLS certificate.",
+    lambda raw: raw.lower() == "true",
+)
+MLFLOW_TRACKING_SERVER_CERT_PATH: Var[str | None] = Var(
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    None,
+    "A CA bundle for the server's certificate (e.g. a reverse proxy's own CA).",
+)
+REQUESTS_CA_BUNDLE: Var[str | None] = Var(
+    "REQUESTS_CA_BUNDLE",
+    None,
+    "The CA bundle where MLFLOW_TRACKING_SERVER_CERT_PATH is unset (as MLflow's client does).",
+)
+MLFLOW_WORKSPACE: Var[str | None] = Var(
+    "MLFLOW_WORKSPACE",
+    None,
+    "An MLflow workspace: registry look-ups then go through MLflow (no fast path).",
+)
 
-class Dvc(_Settings):
-    """What DVC tells a stage it runs."""
+# --- `digits sweep` and the trials it runs ----------------------------------------------------
 
-    root: str | None = _var(
-        "DVC_ROOT",
-        None,
-        "The repository root (for a queued experiment, the parent repository, not its temporary "
-        "copy); unset: the nearest folder up from the working directory with a dvc.yaml.",
-    )
-    exp_name: str = _var(
-        "DVC_EXP_NAME",
-        "",
-        "The DVC experiment this run belongs to: its MLflow run's name and tags; an experiment "
-        "never promotes.",
-    )
-    exp_baseline_rev: str = _var(
-        "DVC_EXP_BASELINE_REV", "", "The commit a DVC experiment started from (a run tag)."
-    )
+DIGITS_SWEEP_HEARTBEAT: Var[int] = Var(
+    "DIGITS_SWEEP_HEARTBEAT", 10, "Seconds between a running trial's heartbeats.", count
+)
+DIGITS_SWEEP_GRACE: Var[int] = Var(
+    "DIGITS_SWEEP_GRACE",
+    30,
+    "Seconds of silence after which a trial is failed (its worker died).",
+    count,
+)
+DIGITS_SWEEP: Var[str | None] = Var(
+    "DIGITS_SWEEP",
+    None,
+    "Set by `digits sweep` for a trial's train stage: JSON naming the study's parent run, the "
+    "study, the trial and the worker (the run's parent and tags).",
+)
 
+# --- `digits predict` and `digits app` --------------------------------------------------------
 
-class Mnist(_Settings):
-    """The download stage."""
+XDG_CACHE_HOME: Var[str | None] = Var(
+    "XDG_CACHE_HOME",
+    None,
+    "Where downloaded models are kept (digits/models under it); unset: ~/.cache.",
+)
+DIGITS_APP_MODEL: Var[str | None] = Var(
+    "DIGITS_APP_MODEL",
+    None,
+    "Set by `digits app` for its worker processes: the version the parent loaded.",
+)
+DIGITS_APP_MODEL_SHOWN: Var[str | None] = Var(
+    "DIGITS_APP_MODEL_SHOWN",
+    None,
+    "Set by `digits app` for its workers: the model URI as the user gave it.",
+)
 
-    mirror: str = _var(
-        "MNIST_MIRROR",
-        "",
-        "Comma-separated mirrors tried in order, each an http(s) URL or a local folder; unset: "
-        "the official MNIST mirrors (torchvision's list).",
-    )
-    timeout: Seconds = _var(
-        "MNIST_TIMEOUT", 30.0, "Seconds without a byte before a mirror counts as stalled."
-    )
-
-
-class Mlflow(_Settings):
-    """The MLflow client's variables that the project reads too: MLflow reads them itself, and
-    digits.tracking.resolve and the /health probe send the same credentials and TLS settings."""
-
-    tracking_uri: str | None = _var(
-        "MLFLOW_TRACKING_URI",
-        None,
-        "The MLflow store or tracking server; unset: sqlite `mlflow.db` at the repository root.",
-    )
-    token: SecretStr | None = _var(
-        "MLFLOW_TRACKING_TOKEN", None, "A bearer token for the tracking server."
-    )
-    username: str | None = _var(
-        "MLFLOW_TRACKING_USERNAME", None, "The login of a server behind MLflow's basic-auth app."
-    )
-    password: SecretStr | None = _var(
-        "MLFLOW_TRACKING_PASSWORD", None, "Its password (with MLFLOW_TRACKING_USERNAME)."
-    )
-    insecure_tls: str = _var(
-        "MLFLOW_TRACKING_INSECURE_TLS",
-        "false",
-        "`true` skips the check of the server's TLS certificate.",
-    )
-    server_cert_path: str | None = _var(
-        "MLFLOW_TRACKING_SERVER_CERT_PATH",
-        None,
-        "A CA bundle for the server's certificate (e.g. a reverse proxy's own CA).",
-    )
-    ca_bundle: str | None = _var(
-        "REQUESTS_CA_BUNDLE",
-        None,
-        "The CA bundle where MLFLOW_TRACKING_SERVER_CERT_PATH is unset (as requests does).",
-    )
-    workspace: str | None = _var(
-        "MLFLOW_WORKSPACE",
-        None,
-        "An MLflow workspace: registry look-ups then go through MLflow (no fast path).",
-    )
-
-    @property
-    def skip_tls_check(self) -> bool:
-        return self.insecure_tls.lower() == "true"
-
-    @property
-    def ca_file(self) -> str | None:
-        return self.server_cert_path or self.ca_bundle
-
-
-class Sweep(_Settings):
-    """`digits sweep` and the trials it runs."""
-
-    heartbeat: Count = _var(
-        "DIGITS_SWEEP_HEARTBEAT", 10, "Seconds between a running trial's heartbeats."
-    )
-    grace: Count = _var(
-        "DIGITS_SWEEP_GRACE",
-        30,
-        "Seconds of silence after which a trial is failed (its worker died).",
-    )
-    trial: str | None = _var(
-        "DIGITS_SWEEP",
-        None,
-        "Set by `digits sweep` for a trial's train stage: JSON naming the study's parent run, "
-        "the study, the trial and the worker (the run's parent and tags).",
-    )
-
-
-class Serve(_Settings):
-    """`digits predict` and `digits app`."""
-
-    cache_home: str | None = _var(
-        "XDG_CACHE_HOME",
-        None,
-        "Where downloaded models are kept (digits/models under it); unset: ~/.cache.",
-    )
-    app_model: str | None = _var(
-        "DIGITS_APP_MODEL",
-        None,
-        "Set by `digits app` for its worker processes: the version the parent loaded.",
-    )
-    app_model_shown: str | None = _var(
-        "DIGITS_APP_MODEL_SHOWN",
-        None,
-        "Set by `digits app` for its workers: the model URI as the user gave it.",
-    )
-
-
-GROUPS: tuple[type[_Settings], ...] = (Dvc, Mnist, Mlflow, Sweep, Serve)
-
+# every variable above, by concern (docs/settings.md has a section for each)
+GROUPS: dict[str, tuple[Var, ...]] = {
+    "DVC": (DVC_ROOT, DVC_EXP_NAME, DVC_EXP_BASELINE_REV),
+    "The download stage": (MNIST_MIRROR, MNIST_TIMEOUT),
+    "The MLflow store": (
+        MLFLOW_TRACKING_URI,
+        MLFLOW_TRACKING_TOKEN,
+        MLFLOW_TRACKING_USERNAME,
+        MLFLOW_TRACKING_PASSWORD,
+        MLFLOW_TRACKING_INSECURE_TLS,
+        MLFLOW_TRACKING_SERVER_CERT_PATH,
+        REQUESTS_CA_BUNDLE,
+        MLFLOW_WORKSPACE,
+    ),
+    "`digits sweep`": (DIGITS_SWEEP_HEARTBEAT, DIGITS_SWEEP_GRACE, DIGITS_SWEEP),
+    "`digits predict` and `digits app`": (XDG_CACHE_HOME, DIGITS_APP_MODEL, DIGITS_APP_MODEL_SHOWN),
+}
 
 # What the project sets for MLflow's client, which reads these from the environment only: its
 # HTTP client retries with backoff for minutes by default, where a command should fail fast

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from digits.core.errors import DigitsError
 from digits.core.mnist import OFFICIAL_MIRRORS, RESOURCES
-from digits.core.settings import Mnist, SettingsError
+from digits.core.settings import MNIST_MIRROR, MNIST_TIMEOUT, SettingsError
 
 if TYPE_CHECKING:
     from digits.core.config import Params
@@ -40,7 +40,7 @@ def md5_matches(path: Path, md5: str) -> bool:
 
 def mirrors_from_env() -> list[str]:
     """MNIST_MIRROR: comma-separated http(s) URLs or local folders; unset = the official list."""
-    raw = Mnist.read().mirror.strip()
+    raw = (MNIST_MIRROR.get() or "").strip()
     if not raw:
         return list(OFFICIAL_MIRRORS)
     return [m.strip() for m in raw.split(",") if m.strip()]
@@ -49,7 +49,7 @@ def mirrors_from_env() -> list[str]:
 def timeout_from_env() -> float:
     """MNIST_TIMEOUT: seconds without a byte before a mirror counts as stalled."""
     try:
-        return Mnist.read().timeout
+        return MNIST_TIMEOUT.get()
     except SettingsError as e:
         raise DownloadError(str(e)) from None
 

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from digits.core.errors import DigitsError
 from digits.core.mnist import COLS, ROWS
-from digits.core.settings import Serve
+from digits.core.settings import DIGITS_APP_MODEL, DIGITS_APP_MODEL_SHOWN
 from digits.data.imaging import MAX_BYTES, ImageError, read_image
 from digits.serve.predict import champion_uri, load_model, read_all, reading_record
 
@@ -144,10 +144,10 @@ MODEL_ENV, SHOWN_ENV = "DIGITS_APP_MODEL", "DIGITS_APP_MODEL_SHOWN"
 def worker_app() -> FastAPI:
     """The app of one worker process (uvicorn imports this by name in each): its own copy of
     the model the parent loaded (read in place, or from digits.serve.model_cache)."""
-    handed = Serve.read()  # MODEL_ENV, SHOWN_ENV
-    if not (handed.app_model and handed.app_model_shown):
+    version, shown = DIGITS_APP_MODEL.get(), DIGITS_APP_MODEL_SHOWN.get()  # MODEL_ENV, SHOWN_ENV
+    if not (version and shown):
         raise DigitsError(f"{MODEL_ENV}: unset; `digits app` sets it for its workers")
-    return create_app(load_model(handed.app_model), handed.app_model_shown)
+    return create_app(load_model(version), shown)
 
 
 def pinned(uri: str) -> str:

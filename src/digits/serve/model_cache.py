@@ -16,14 +16,14 @@ import shutil
 from pathlib import Path
 
 from digits.core.files import atomic_path
-from digits.core.settings import Serve
+from digits.core.settings import XDG_CACHE_HOME
 from digits.data.preprocess import file_digest
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_dir() -> Path:
-    base = Serve.read().cache_home or str(Path.home() / ".cache")
+    base = XDG_CACHE_HOME.get() or str(Path.home() / ".cache")
     return Path(base) / "digits" / "models"
 
 

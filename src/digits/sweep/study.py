@@ -47,7 +47,7 @@ from pydantic import (
 from digits.core.config import Params, flat_params, load_params, parse_params
 from digits.core.errors import DigitsError, first_line, redact
 from digits.core.files import repo_root
-from digits.core.settings import Sweep
+from digits.core.settings import DIGITS_SWEEP_GRACE, DIGITS_SWEEP_HEARTBEAT
 from digits.tracking.runs import SWEEP_ENV
 
 SPACE_FILE = "sweep.yaml"
@@ -224,12 +224,10 @@ def open_study(name: str, storage: str | None, seed: int):
     url = storage_url(storage)
     # seconds between a running trial's heartbeats, and after which a silent one is failed
     # (its worker died): DIGITS_SWEEP_HEARTBEAT, DIGITS_SWEEP_GRACE (the tests wait less)
-    beat = Sweep.read()
+    heartbeat, grace = DIGITS_SWEEP_HEARTBEAT.get(), DIGITS_SWEEP_GRACE.get()
     for attempt in range(CREATE_TRIES):
         try:
-            rdb = optuna.storages.RDBStorage(
-                url, heartbeat_interval=beat.heartbeat, grace_period=beat.grace
-            )
+            rdb = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace)
             return optuna.create_study(
                 study_name=name,
                 storage=rdb,

@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from digits.core.settings import Mlflow
+from digits.core.settings import MLFLOW_WORKSPACE
 from digits.tracking.registry import MODEL_TAG
 
 _ALIAS = re.compile(r"models:/([^/@]+)@([^/@]+)")
@@ -78,7 +78,7 @@ def parse(uri: str) -> tuple[str, str | None, str | None] | None:
 def lookup(store: str, uri: str) -> Version | None:
     """The version `uri` names in `store` (a tracking URI), or None where only MLflow can say."""
     ref = parse(uri)
-    if ref is None or Mlflow.read().workspace:
+    if ref is None or MLFLOW_WORKSPACE.get():
         return None
     from digits.tracking.store import is_server, sqlite_path
 

@@ -29,7 +29,7 @@ from digits.core import provenance
 from digits.core.config import Params, flat_params
 from digits.core.files import repo_root
 from digits.core.reports import Epoch
-from digits.core.settings import Sweep
+from digits.core.settings import DIGITS_SWEEP
 from digits.tracking import lineage, registry
 from digits.tracking.store import Store, open_store
 
@@ -146,7 +146,7 @@ SWEEP_ENV = "DIGITS_SWEEP"
 def sweep_tags() -> dict[str, str]:
     """A `digits sweep` trial's run (the sweep hands it SWEEP_ENV): a child of the study's
     parent run, tagged with the study, the trial's number and the worker that ran it."""
-    raw = Sweep.read().trial
+    raw = DIGITS_SWEEP.get()
     if not raw:
         return {}
     trial = json.loads(raw)

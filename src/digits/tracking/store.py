@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digits.core import http
+from digits.core import http, settings
 from digits.core.errors import DigitsError, first_line
 from digits.core.files import repo_root
-from digits.core.settings import MLFLOW_CLIENT_DEFAULTS, Mlflow
 
 # MLflow's client settings that every entry point sets (digits.core.settings.client_defaults)
-HTTP_DEFAULTS = MLFLOW_CLIENT_DEFAULTS
+HTTP_DEFAULTS = settings.MLFLOW_CLIENT_DEFAULTS
 REACH_TIMEOUT = 10  # seconds for the /health probe of a tracking server
 
 
@@ -46,7 +45,7 @@ class StoreError(DigitsError):
 
 
 def tracking_uri() -> str:
-    return Mlflow.read().tracking_uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return settings.MLFLOW_TRACKING_URI.get() or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
 def is_server(uri: str) -> bool:
@@ -95,24 +94,25 @@ def translated(uri: str) -> Iterator[None]:
 def ssl_context() -> ssl.SSLContext:
     """TLS as MLflow's own client does it: MLFLOW_TRACKING_SERVER_CERT_PATH names a private
     CA bundle (e.g. a reverse proxy's own CA), MLFLOW_TRACKING_INSECURE_TLS=true skips checks."""
-    settings = Mlflow.read()
-    if settings.skip_tls_check:
+    if settings.MLFLOW_TRACKING_INSECURE_TLS.get():
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    return ssl.create_default_context(cafile=settings.ca_file)
+    ca = settings.MLFLOW_TRACKING_SERVER_CERT_PATH.get() or settings.REQUESTS_CA_BUNDLE.get()
+    return ssl.create_default_context(cafile=ca)
 
 
 def auth_headers() -> dict[str, str]:
     """The credentials MLflow's client would send (MLFLOW_TRACKING_TOKEN, else
     MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
-    settings = Mlflow.read()
-    if settings.token:
-        return {"Authorization": f"Bearer {settings.token.get_secret_value()}"}
-    if settings.username and settings.password:
-        pair = f"{settings.username}:{settings.password.get_secret_value()}"
-        return {"Authorization": f"Basic {base64.b64encode(pair.encode()).decode()}"}
+    if token := settings.MLFLOW_TRACKING_TOKEN.get():
+        return {"Authorization": f"Bearer {token}"}
+    user = settings.MLFLOW_TRACKING_USERNAME.get()
+    password = settings.MLFLOW_TRACKING_PASSWORD.get()
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
     return {}
 
 
