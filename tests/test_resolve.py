@@ -6,8 +6,13 @@ versions."""
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import shutil
 import sqlite3
+import threading
+import urllib.parse
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -149,3 +154,58 @@ def test_a_registry_schema_it_does_not_know_is_said_once_and_left_to_mlflow(tmp_
         "digits.tracking.resolve does not know; asking MLflow instead (slower)"
     ]
     assert resolve.lookup(f"sqlite:///{db}", uri) == found  # the known one still answers
+
+
+class _Registry(http.server.BaseHTTPRequestHandler):
+    """A tracking server's registry REST API, as far as the look-up asks it: one version behind
+    an alias, for a client that sends the token; 401 to others, 404 for anything else."""
+
+    seen: ClassVar[list[str | None]] = []
+
+    def do_GET(self):
+        self.seen.append(self.headers.get("Authorization"))
+        url = urllib.parse.urlparse(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        if self.headers.get("Authorization") != "Bearer t0ken":
+            self.send_response(401)
+        elif url.path.endswith("/registered-models/alias") and query["alias"] == ["champion"]:
+            body = {
+                "model_version": {
+                    "name": query["name"][0],
+                    "version": "3",
+                    "status": "READY",
+                    "source": "mlflow-artifacts:/1/models/m-3/artifacts",
+                    "tags": [{"key": MODEL_TAG, "value": "cd" * 32}],
+                }
+            }
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+            return
+        else:
+            self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_is_asked_with_mlflows_credentials_through_the_projects_client(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.delenv("MLFLOW_WORKSPACE", raising=False)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
+        found = resolve.lookup(url, f"models:/{NAME}@champion")
+        assert found == resolve.Version(
+            NAME, "3", "cd" * 32, "mlflow-artifacts:/1/models/m-3/artifacts"
+        )
+        assert resolve.lookup(url, f"models:/{NAME}@other") is None  # 404: MLflow's to say
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "wrong")
+        assert resolve.lookup(url, f"models:/{NAME}@champion") is None  # 401
+        assert _Registry.seen == ["Bearer t0ken", "Bearer t0ken", "Bearer wrong"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert resolve.lookup(url, f"models:/{NAME}@champion") is None  # no server: no answer
