@@ -140,7 +140,7 @@ def _mark_training_experiment(store: Store) -> None:
 
 # JSON that `digits sweep` hands a trial's train stage: its MLflow parent run and tags. It lives
 # here, not in sweep.py, so that the stages do not depend on the sweep's code.
-SWEEP_ENV = "DIGITS_SWEEP"
+SWEEP_ENV = DIGITS_SWEEP.name
 
 
 def sweep_tags() -> dict[str, str]:
