@@ -1,14 +1,17 @@
 """params.yaml validation: every bad value stops a stage before any work, with one line that
-names the key and says what was expected."""
+names the key and says what was expected. And the environment variables: each declared once
+(digits.core.settings), listed in docs/settings.md, read only through there and only when used."""
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from digits.core import numerics, settings
 from digits.core.config import ConfigError, Params, TrainParams, flat_params, load_params
 from helpers import ROOT, run
 
@@ -157,3 +160,99 @@ def test_download_stage_validates_before_network(tmp_path):
         "equal to 0, got -1"
     ]
     assert {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} == before  # no data/raw
+
+
+# --- environment variables ---------------------------------------------------------------------
+
+
+def test_every_environment_variable_is_in_the_docs_with_its_default():
+    doc = (ROOT / "docs" / "settings.md").read_text()
+    for group in settings.GROUPS.values():
+        for var in group:
+            default = str(var.default).lower() if isinstance(var.default, bool) else var.default
+            shown = "unset" if default is None else f"`{default}`"
+            assert f"| `{var.name}` | {shown} |" in doc, var.name
+    for name in [*numerics.PINS, *settings.MLFLOW_CLIENT_DEFAULTS]:  # what the project sets
+        assert f"| `{name}` |" in doc, name
+    assert f"| `{numerics.SWITCH}` | `1` |" in doc  # what the served model's code reads
+
+
+def environment_reads(path: Path) -> list[int]:
+    """Lines of `path` that read the environment: os.getenv(...), os.environ.get(...),
+    os.environ[...] (not a write), `... in os.environ`."""
+
+    def environ(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            f = node.func
+            if f.attr == "getenv" or (f.attr == "get" and environ(f.value)):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Subscript) and environ(node.value):
+            if isinstance(node.ctx, ast.Load):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Compare) and any(environ(c) for c in node.comparators):
+            lines.append(node.lineno)
+    return lines
+
+
+# modules that read the environment themselves, and why
+READ_ELSEWHERE = {
+    "core/settings.py": "the one place",
+    # shipped in the registered model (digits.tracking.pyfunc.SERVED_MODULES), with its own
+    # few requirements: they import nothing of the project's but each other and errors
+    "core/numerics.py": "DIGITS_PORTABLE_NUMERICS, and the library pins it sets",
+    "core/blas.py": "OPENBLAS_NUM_THREADS, OPENBLAS_CORETYPE",
+    "tracking/runs.py": "numerics_tags records the library pins in force",
+}
+
+
+def test_no_module_reads_the_environment_but_through_settings():
+    package = ROOT / "src" / "digits"
+    reads = {
+        path.relative_to(package).as_posix(): lines
+        for path in sorted(package.rglob("*.py"))
+        if (lines := environment_reads(path))
+    }
+    assert set(reads) <= set(READ_ELSEWHERE), reads
+    # and the checker finds a read
+    assert environment_reads(ROOT / "tests" / "helpers.py")
+
+
+def test_a_bad_variable_is_one_line_naming_it_and_read_when_asked(monkeypatch):
+    monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "soon")
+    with pytest.raises(settings.SettingsError) as e:
+        settings.DIGITS_SWEEP_HEARTBEAT.get()
+    assert str(e.value) == "DIGITS_SWEEP_HEARTBEAT: expected a whole number, got 'soon'"
+    monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "0")
+    with pytest.raises(settings.SettingsError, match="expected a positive whole number, got '0'"):
+        settings.DIGITS_SWEEP_HEARTBEAT.get()
+    assert settings.DIGITS_SWEEP_GRACE.get() == 30  # another variable reads on
+    monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "")  # empty: unset, the default
+    assert settings.DIGITS_SWEEP_HEARTBEAT.get() == 10
+    monkeypatch.setenv("DIGITS_SWEEP_HEARTBEAT", "3")  # read when asked, not at import
+    assert settings.DIGITS_SWEEP_HEARTBEAT.get() == 3
+    assert settings.MNIST_TIMEOUT.get({"MNIST_TIMEOUT": "2.5"}) == 2.5  # or from a mapping
+    assert settings.MLFLOW_TRACKING_INSECURE_TLS.get({"MLFLOW_TRACKING_INSECURE_TLS": "TRUE"})
+
+
+def test_importing_reads_no_variable(tmp_path):
+    """A bad value stops what uses it, not an import (sweep.py read one at import once)."""
+    bad = {"DIGITS_SWEEP_HEARTBEAT": "soon", "MNIST_TIMEOUT": "-1", "MLFLOW_TRACKING_URI": ""}
+    code = "import digits.sweep.study, digits.data.download, digits.tracking.store, digits.cli"
+    run([sys.executable, "-c", code], cwd=tmp_path, env=bad)
+
+
+def test_the_registered_models_code_imports_only_itself():
+    """numerics and blas read their variables themselves (not through digits.core.settings):
+    they are shipped in every registered model, which has none of the project's other code."""
+    from digits.tracking.pyfunc import SERVED_MODULES
+    from test_stage_deps import SRC, imported_modules, module_file
+
+    package = SRC / "digits"
+    served = {package / m for m in SERVED_MODULES}
+    for path in served:
+        files = {module_file(name) for name in imported_modules(path)} - {None}
+        assert files <= served, (path, files - served)

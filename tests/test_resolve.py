@@ -5,6 +5,15 @@ versions."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
+import shutil
+import sqlite3
+import threading
+import urllib.parse
+from typing import ClassVar
+
 import numpy as np
 import pytest
 
@@ -12,6 +21,7 @@ from digits.core.errors import DigitsError
 from digits.data.preprocess import file_digest
 from digits.serve import model_cache
 from digits.tracking import resolve
+from digits.tracking.registry import MODEL_TAG
 from helpers import register
 
 NAME = "resolve-me"
@@ -110,3 +120,92 @@ def test_the_cache_answers_only_with_the_bytes_it_is_asked_for(tmp_path, monkeyp
     kept.write_bytes(b"other bytes")  # no longer what its name says
     assert model_cache.get(digest) is None
     assert model_cache.get("../../etc/passwd") is None
+
+
+@pytest.mark.slow
+def test_a_registry_schema_it_does_not_know_is_said_once_and_left_to_mlflow(tmp_path, capsys):
+    """The look-up reads MLflow's own tables: only in a store whose schema revision it was
+    checked against (the one the installed MLflow creates); another one it says, once."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    client.create_registered_model(NAME)
+    source = (tmp_path / "artifacts").as_uri()
+    client.create_model_version(NAME, source=source, tags={MODEL_TAG: "ab" * 32})
+    client.set_registered_model_alias(NAME, "champion", "1")
+    uri = f"models:/{NAME}@champion"
+    capsys.readouterr()
+
+    found = resolve.lookup(f"sqlite:///{db}", uri)  # the schema this MLflow makes: known
+    assert found == resolve.Version(NAME, "1", "ab" * 32, source)
+    assert "digits: warning" not in capsys.readouterr().err
+
+    other = tmp_path / "other" / "mlflow.db"  # the same store, as a newer MLflow migrated it
+    other.parent.mkdir()
+    shutil.copy(db, other)
+    with contextlib.closing(sqlite3.connect(other)) as conn, conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    for ref in (uri, f"models:/{NAME}/1", uri):
+        assert resolve.lookup(f"sqlite:///{other}", ref) is None  # MLflow's to answer
+    said = [line for line in capsys.readouterr().err.splitlines() if "digits:" in line]
+    assert said == [
+        f"digits: warning: MLflow store {other} has schema revision ffffffffffff, which "
+        "digits.tracking.resolve does not know; asking MLflow instead (slower)"
+    ]
+    assert resolve.lookup(f"sqlite:///{db}", uri) == found  # the known one still answers
+
+
+class _Registry(http.server.BaseHTTPRequestHandler):
+    """A tracking server's registry REST API, as far as the look-up asks it: one version behind
+    an alias, for a client that sends the token; 401 to others, 404 for anything else."""
+
+    seen: ClassVar[list[str | None]] = []
+
+    def do_GET(self):
+        self.seen.append(self.headers.get("Authorization"))
+        url = urllib.parse.urlparse(self.path)
+        query = urllib.parse.parse_qs(url.query)
+        if self.headers.get("Authorization") != "Bearer t0ken":
+            self.send_response(401)
+        elif url.path.endswith("/registered-models/alias") and query["alias"] == ["champion"]:
+            body = {
+                "model_version": {
+                    "name": query["name"][0],
+                    "version": "3",
+                    "status": "READY",
+                    "source": "mlflow-artifacts:/1/models/m-3/artifacts",
+                    "tags": [{"key": MODEL_TAG, "value": "cd" * 32}],
+                }
+            }
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+            return
+        else:
+            self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_is_asked_with_mlflows_credentials_through_the_projects_client(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.delenv("MLFLOW_WORKSPACE", raising=False)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
+        found = resolve.lookup(url, f"models:/{NAME}@champion")
+        assert found == resolve.Version(
+            NAME, "3", "cd" * 32, "mlflow-artifacts:/1/models/m-3/artifacts"
+        )
+        assert resolve.lookup(url, f"models:/{NAME}@other") is None  # 404: MLflow's to say
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "wrong")
+        assert resolve.lookup(url, f"models:/{NAME}@champion") is None  # 401
+        assert _Registry.seen == ["Bearer t0ken", "Bearer t0ken", "Bearer wrong"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert resolve.lookup(url, f"models:/{NAME}@champion") is None  # no server: no answer

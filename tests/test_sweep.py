@@ -426,3 +426,30 @@ def test_a_killed_worker_leaves_a_failed_trial_and_the_study_completes(team, clo
                                            optuna.trial.TrialState.FAIL)]  # fmt: skip
     assert len(finished) >= 4
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # numbered, once each
+
+
+# --- sweep.yaml's schema (pydantic, as params.yaml's) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("train.lr: 0.01\n", "train.lr: expected {low, high} or {choices: [...]}"),
+        ("train.lr: {low: 0.001}\n", "train.lr: expected numbers low and high, got"),
+        ("train.lr: {low: '0.001', high: 0.01}\n", "train.lr: expected numbers low and high"),
+        ("train.lr: {low: 0.001, high: 0.01, step: 0}\n", "train.lr: step: input should be"),
+        ("train.lr: {low: 0.001, high: 0.01, log: 2}\n", "train.lr: log: input should be"),
+        ("train.lr: {choices: [0.1], low: 0}\n", "train.lr: unknown field 'low'"),
+        ("train.lr: {choices: 0.1}\n", "train.lr: expected {choices: [a non-empty list]}"),
+        ("train.epochs: {low: 6, high: 2}\n", "train.epochs: low 6 is not below high 2"),
+        ("1: {low: 1, high: 2}\n", "expected a mapping of params.yaml keys"),
+        ("train.lr: {choices: [0.1, -1]}\n", "train.lr=-1: train.lr: input should be greater"),
+    ],
+    ids=["scalar", "missing", "string", "step", "log", "mixed", "choices", "ints", "key", "value"],
+)
+def test_the_schema_names_the_key_and_what_was_expected(tmp_path, text, says):
+    with pytest.raises(SweepError) as e:
+        space_of(tmp_path, text)
+    said = str(e.value)
+    assert said.startswith(f"{tmp_path / 'sweep.yaml'}: ") and "\n" not in said
+    assert says in said, said

@@ -8,14 +8,12 @@ anything else is a bug and shows its traceback."""
 from __future__ import annotations
 
 import argparse
-import atexit
-import os
 import sys
 from typing import NoReturn
 
-from digits.core import numerics
+from digits.core import numerics, settings
 from digits.core.errors import DigitsError
-from digits.stages.runner import STAGES, run_stage
+from digits.stages.runner import STAGES, exit_now, run_stage
 
 STAGE_HELP = {
     "download": "fetch the four MNIST .gz files (MNIST_MIRROR) into data/raw, MD5-checked",
@@ -143,6 +141,7 @@ def _promote(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     numerics.pin()  # before any command imports torch
+    settings.client_defaults()  # before any MLflow call
     args = build_parser().parse_args(argv)
     if args.command in STAGES:
         return run_stage(args.command, getattr(args, "params", "params.yaml"))
@@ -154,14 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> NoReturn:
-    """The `digits` command: `main`, then the process ends without tearing the interpreter
-    down (freeing MLflow, SQLAlchemy and torch took a second of a 2-second `digits predict`);
-    the exit handlers still run, and the output is flushed first."""
-    code = main()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The `digits` command: `main`, then the process ends at once, its exit handlers run
+    and its output flushed (digits.stages.runner.exit_now)."""
+    exit_now(main())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from digits.core.settings import DVC_ROOT
+
 # The layout dvc.yaml declares, relative to the repository root (stages run with cwd = root).
 RAW_DIR = Path("data/raw")
 TRAIN_DATA = Path("data/processed/train.npz")  # train + validation split
@@ -27,8 +29,8 @@ GATE_VERDICT = Path("reports/gate.json")  # the absolute gates passed: the gate'
 def repo_root() -> Path:
     """The project root: DVC_ROOT when DVC runs us (for a queued experiment it names the parent
     repository, not the temporary copy), else the nearest folder up from cwd with a dvc.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    if root := DVC_ROOT.get():
+        return Path(root).resolve()
     here = Path.cwd().resolve()
     for d in (here, *here.parents):
         if (d / "dvc.yaml").exists():

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from digits.core.errors import DigitsError
+from digits.core.settings import DVC_EXP_BASELINE_REV, DVC_EXP_NAME
 
 GIT_TIMEOUT = 30  # seconds: a git that hangs (a lock, a network filesystem) fails the command
 
@@ -175,7 +176,7 @@ class Origin:
 
 def run_origin(root: Path) -> Origin:
     """The Origin of a run in `root` (outside git: an empty one, but for the experiment)."""
-    experiment = os.environ.get("DVC_EXP_NAME", "")
+    experiment = DVC_EXP_NAME.get() or ""
     commit = head_commit(root)
     if not commit:
         return Origin(experiment=experiment)
@@ -187,5 +188,5 @@ def run_origin(root: Path) -> Origin:
         branch=head_branch(root),
         changed=changed,
         experiment=experiment,
-        baseline=os.environ.get("DVC_EXP_BASELINE_REV", "") if experiment else "",
+        baseline=(DVC_EXP_BASELINE_REV.get() or "") if experiment else "",
     )

@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING
 from digits.core.errors import DigitsError
 from digits.core.files import file_digest
 from digits.core.mnist import OFFICIAL_MIRRORS, RESOURCES
+from digits.core.settings import MNIST_MIRROR, MNIST_TIMEOUT, SettingsError
 
 if TYPE_CHECKING:
     from digits.core.config import Params
-
-DEFAULT_TIMEOUT = 30.0  # seconds without a byte before a mirror counts as stalled
 
 
 class DownloadError(DigitsError):
@@ -40,21 +39,18 @@ def md5_matches(path: Path, md5: str) -> bool:
 
 def mirrors_from_env() -> list[str]:
     """MNIST_MIRROR: comma-separated http(s) URLs or local folders; unset = the official list."""
-    raw = os.environ.get("MNIST_MIRROR", "").strip()
+    raw = (MNIST_MIRROR.get() or "").strip()
     if not raw:
         return list(OFFICIAL_MIRRORS)
     return [m.strip() for m in raw.split(",") if m.strip()]
 
 
 def timeout_from_env() -> float:
-    raw = os.environ.get("MNIST_TIMEOUT", "")
+    """MNIST_TIMEOUT: seconds without a byte before a mirror counts as stalled."""
     try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT
-    except ValueError:
-        raise DownloadError(f"MNIST_TIMEOUT: expected a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise DownloadError(f"MNIST_TIMEOUT: expected a positive number of seconds, got {raw!r}")
-    return value
+        return MNIST_TIMEOUT.get()
+    except SettingsError as e:
+        raise DownloadError(str(e)) from None
 
 
 @contextlib.contextmanager

@@ -16,13 +16,13 @@ model, never less. A looser value is shown in the report as advisory only."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from digits.core import provenance
 from digits.core.config import GateParams, Params, parse_params
 from digits.core.errors import DigitsError
+from digits.core.settings import DVC_EXP_NAME, DVC_ROOT
 
 
 class GovernanceError(DigitsError):
@@ -51,10 +51,9 @@ def committed_gates(raw: dict, source: str) -> GateParams:
 
 def _not_promotion_run(root: Path, branch: str) -> str:
     """Why this run may not promote ("" when it may)."""
-    exp = os.environ.get("DVC_EXP_NAME")
-    if exp:
+    if exp := DVC_EXP_NAME.get():
         return f"this is DVC experiment `{exp}`"
-    dvc_root = os.environ.get("DVC_ROOT")
+    dvc_root = DVC_ROOT.get()
     if dvc_root and Path(dvc_root).resolve() != Path.cwd().resolve():
         return "it runs in a temporary copy of the repository (a queued DVC experiment)"
     head = provenance.head_branch(root)

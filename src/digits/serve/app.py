@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from digits.core.errors import DigitsError
 from digits.core.mnist import COLS, ROWS
+from digits.core.settings import DIGITS_APP_MODEL, DIGITS_APP_MODEL_SHOWN
 from digits.data.imaging import MAX_BYTES, ImageError, read_image
 from digits.serve.predict import champion_uri, load_model, read_all, reading_record
 
@@ -137,13 +138,16 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 # handed to the worker processes: the version the parent loaded, and the URI the user gave
-MODEL_ENV, SHOWN_ENV = "DIGITS_APP_MODEL", "DIGITS_APP_MODEL_SHOWN"
+MODEL_ENV, SHOWN_ENV = DIGITS_APP_MODEL.name, DIGITS_APP_MODEL_SHOWN.name
 
 
 def worker_app() -> FastAPI:
     """The app of one worker process (uvicorn imports this by name in each): its own copy of
     the model the parent loaded (read in place, or from digits.serve.model_cache)."""
-    return create_app(load_model(os.environ[MODEL_ENV]), os.environ[SHOWN_ENV])
+    version, shown = DIGITS_APP_MODEL.get(), DIGITS_APP_MODEL_SHOWN.get()
+    if not (version and shown):
+        raise DigitsError(f"{MODEL_ENV}: unset; `digits app` sets it for its workers")
+    return create_app(load_model(version), shown)
 
 
 def pinned(uri: str) -> str:

@@ -11,19 +11,19 @@ tracking server or an object store holds."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
 from digits.core.files import atomic_path
+from digits.core.settings import XDG_CACHE_HOME
 from digits.data.preprocess import file_digest
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = XDG_CACHE_HOME.get() or str(Path.home() / ".cache")
     return Path(base) / "digits" / "models"
 
 

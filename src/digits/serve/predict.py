@@ -47,9 +47,8 @@ def load_model(uri: str | None = None):
     from digits.model.inference import Classifier, weights_in
     from digits.serve import model_cache
     from digits.tracking import resolve
-    from digits.tracking.store import client_defaults, sqlite_path, tracking_uri
+    from digits.tracking.store import sqlite_path, tracking_uri
 
-    client_defaults()
     uri = uri or champion_uri()
     store = tracking_uri()
     db = sqlite_path(store)
@@ -70,12 +69,16 @@ def load_model(uri: str | None = None):
         if weights is not None:
             _check_registered(weights, found, uri, store)
             return Classifier.from_file(weights)
-    local = _download(uri, store)
-    weights = weights_in(local)
-    if weights is not None and found is not None and found.sha256:
-        _check_registered(weights, found, uri, store)
-        model_cache.keep(weights, found.sha256)
-    return _from_folder(local, uri, store)
+    import tempfile
+
+    # the download is read into memory (or kept in the cache), then removed
+    with tempfile.TemporaryDirectory(prefix="digits-model-") as tmp:
+        local = _download(uri, store, tmp)
+        weights = weights_in(local)
+        if weights is not None and found is not None and found.sha256:
+            _check_registered(weights, found, uri, store)
+            model_cache.keep(weights, found.sha256)
+        return _from_folder(local, uri, store)
 
 
 def _check_registered(weights: Path, found, uri: str, store: str) -> None:
@@ -108,16 +111,13 @@ def _from_folder(local: Path, uri: str, store: str):
         raise DigitsError(f"model {uri} in {store}: cannot load it ({first_line(e)})") from None
 
 
-def _download(uri: str, store: str) -> Path:
-    """The model's files from the registry, into a temporary folder."""
-    import tempfile
-
+def _download(uri: str, store: str, tmp: str) -> Path:
+    """The model's files from the registry `store`, into the folder `tmp`."""
     import mlflow
 
-    mlflow.set_tracking_uri(store)
     try:
-        tmp = tempfile.mkdtemp(prefix="digits-model-")
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        where = {"tracking_uri": store, "registry_uri": store}  # not MLflow's global setting
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, **where))
     except (mlflow.exceptions.MlflowException, OSError) as e:
         from digits.core.errors import first_line
 

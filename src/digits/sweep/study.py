@@ -13,9 +13,7 @@ live run) is a child of the study's parent run, tagged with the study, the trial
 the worker. Trials register no model version and touch no alias: the best one reaches
 `@champion` only by being applied, committed and gated on main (`--best` prints how).
 
-The search space is `sweep.yaml` (`--space`), checked as strictly as params.yaml: a key that is
-not a param, a range that is not one, a value the param refuses, each stop the sweep with one
-line naming it."""
+The search space is `sweep.yaml` (`--space`, digits.sweep.space), checked before any trial."""
 
 from __future__ import annotations
 
@@ -27,119 +25,18 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from digits.core.config import Params, flat_params, load_params, parse_params
-from digits.core.errors import DigitsError, first_line, redact
+from digits.core.config import Params, load_params
+from digits.core.errors import first_line, redact
 from digits.core.files import repo_root
+from digits.core.settings import DIGITS_SWEEP_GRACE, DIGITS_SWEEP_HEARTBEAT
+from digits.sweep.space import SPACE_FILE, Dimension, SweepError, load_space
 from digits.tracking.runs import SWEEP_ENV
 
-SPACE_FILE = "sweep.yaml"
-# seconds between a running trial's heartbeats, and after which a silent one is failed (its
-# worker died): the environment may say otherwise (the tests wait less)
-HEARTBEAT = int(os.environ.get("DIGITS_SWEEP_HEARTBEAT", "10"))
-GRACE = int(os.environ.get("DIGITS_SWEEP_GRACE", "30"))
 CREATE_TRIES = 5  # opening a study on a database other workers are setting up at the same time
-
-
-class SweepError(DigitsError):
-    pass
-
-
-@dataclass(frozen=True)
-class Dimension:
-    key: str  # a params.yaml key, dotted
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple | None = None
-    integer: bool = False
-
-    def suggest(self, trial) -> Any:
-        if self.choices is not None:
-            return trial.suggest_categorical(self.key, list(self.choices))
-        if self.integer:
-            assert self.low is not None and self.high is not None
-            return trial.suggest_int(
-                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
-            )
-        assert self.low is not None and self.high is not None
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
-
-
-def _with(params: dict, key: str, value: Any) -> dict:
-    out = json.loads(json.dumps(params))
-    node = out
-    *parents, last = key.split(".")
-    for k in parents:
-        node = node[k]
-    node[last] = value
-    return out
-
-
-def load_space(path: Path, params: Params) -> list[Dimension]:
-    """The search space in `path`, checked against the params it varies."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{path}: file not found; it holds the search space") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict) or not raw:
-        raise SweepError(f"{path}: expected a mapping of params.yaml keys to ranges or choices")
-    known = flat_params(params)
-    base = params.model_dump(mode="json")
-    space = []
-    for key, spec in raw.items():
-        where = f"{path}: {key}"
-        if key not in known:
-            raise SweepError(f"{where}: not a key of params.yaml (e.g. train.lr)")
-        if not isinstance(spec, dict):
-            raise SweepError(f"{where}: expected {{low, high}} or {{choices: [...]}}")
-        current = known[key]
-        if "choices" in spec:
-            extra = set(spec) - {"choices"}
-            choices = spec["choices"]
-            if extra or not isinstance(choices, list) or not choices:
-                raise SweepError(f"{where}: expected {{choices: [a non-empty list]}}")
-            values = choices
-            dim = Dimension(key, choices=tuple(choices))
-        else:
-            extra = set(spec) - {"low", "high", "log", "step"}
-            if extra:
-                raise SweepError(f"{where}: unknown field {sorted(extra)[0]!r}")
-            number = (int, float)
-            if not all(
-                isinstance(spec.get(k), number) and not isinstance(spec.get(k), bool)
-                for k in ("low", "high")
-            ):
-                raise SweepError(f"{where}: expected numbers low and high, got {spec}")
-            low: float = spec["low"]
-            high: float = spec["high"]
-            if not low < high:
-                raise SweepError(f"{where}: low {low} is not below high {high}")
-            if isinstance(current, bool) or not isinstance(current, number):
-                raise SweepError(f"{where}: a range for a {type(current).__name__} param")
-            integer = isinstance(current, int)
-            if integer and not (float(low).is_integer() and float(high).is_integer()):
-                raise SweepError(f"{where}: {key} takes whole numbers, got {low} and {high}")
-            log, step = bool(spec.get("log", False)), spec.get("step")
-            if log and (low <= 0 or step is not None):
-                raise SweepError(f"{where}: log: true needs low > 0 and no step")
-            values = [int(low), int(high)] if integer else [float(low), float(high)]
-            dim = Dimension(key, float(low), float(high), log, step, None, integer)
-        for v in values:  # every value must be one params.yaml accepts
-            try:
-                parse_params(_with(base, key, v), f"{path}: {key}={v!r}")
-            except DigitsError as e:
-                raise SweepError(str(e)) from None
-        space.append(dim)
-    return space
 
 
 def storage_url(storage: str | None) -> str:
@@ -161,9 +58,12 @@ def open_study(name: str, storage: str | None, seed: int):
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     url = storage_url(storage)
+    # seconds between a running trial's heartbeats, and after which a silent one is failed
+    # (its worker died): DIGITS_SWEEP_HEARTBEAT, DIGITS_SWEEP_GRACE (the tests wait less)
+    heartbeat, grace = DIGITS_SWEEP_HEARTBEAT.get(), DIGITS_SWEEP_GRACE.get()
     for attempt in range(CREATE_TRIES):
         try:
-            rdb = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+            rdb = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace)
             return optuna.create_study(
                 study_name=name,
                 storage=rdb,

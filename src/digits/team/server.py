@@ -25,10 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from digits.core import http
 from digits.core.errors import DigitsError, redact, sigterm_raises
 
 PG_HINT = "install PostgreSQL (apt-get install postgresql) or pass --backend-store-uri"
@@ -187,11 +186,8 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -
                 f"mlflow server exited with status {proc.returncode} before answering on "
                 f"{url} (its output is above)"
             )
-        with (
-            contextlib.suppress(urllib.error.URLError, OSError),
-            urllib.request.urlopen(url + "/health", timeout=5) as r,
-        ):
-            if r.status == 200:
+        with contextlib.suppress(OSError):  # not listening yet
+            if http.get(url + "/health", timeout=5).status == 200:
                 return
         time.sleep(0.5)
     raise ServerError(f"mlflow server did not answer on {url}/health within {timeout:.0f}s")

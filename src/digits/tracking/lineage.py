@@ -16,6 +16,7 @@ import numpy as np
 from mlflow.data.dataset import Dataset
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.schema import TensorDatasetSchema
+from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -156,8 +157,18 @@ class ProcessedSplit(Dataset):
         }
 
     def as_input(self, context: str) -> DatasetInput:
-        """The dataset as a run input in `context` (training, validation or testing)."""
-        return DatasetInput(self._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        """The dataset as a run input in `context` (training, validation or testing): the
+        entity made from its public `to_dict()`, as MLflow's own (private) conversion does."""
+        d = self.to_dict()
+        entity = DatasetEntity(
+            name=d["name"],
+            digest=d["digest"],
+            source_type=d["source_type"],
+            source=d["source"],
+            schema=d["schema"],
+            profile=d["profile"],
+        )
+        return DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def training_inputs(sha256: str, train_rows: int, val_rows: int) -> list[DatasetInput]:

@@ -2,9 +2,13 @@
 where importing MLflow alone takes more than a second of a command that only reads a picture.
 
 - `models:/<name>@<alias>` and `models:/<name>/<version>` are resolved
-  - in a SQLite store (`mlflow.db`): by reading its registry tables, read-only, with sqlite3;
-  - at a tracking server: by one GET of its REST API (MLflow's own credentials and TLS
-    settings: MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, digits.tracking.store).
+  - in a SQLite store (`mlflow.db`): by reading its registry tables, read-only, with sqlite3.
+    Those tables are MLflow's own, not an API: the store's schema revision (the one MLflow's
+    migrations record in `alembic_version`) must be one of KNOWN_SCHEMAS, the revisions these
+    queries were checked against; another one is said once on stderr and left to MLflow
+    (tests/test_resolve.py fails when the installed MLflow creates a revision not listed);
+  - at a tracking server: by one GET of its REST API (public; MLflow's own credentials and
+    TLS settings, digits.tracking.store.server_get).
 - The answer: the version, the sha256 of the weights it was registered from (the evaluate
   stage's `digits.model_sha256` tag) and where its artifacts are.
 - Anything else returns None: another kind of URI, `@latest`, a registry schema this does not
@@ -12,27 +16,32 @@ where importing MLflow alone takes more than a second of a command that only rea
   as before, so this is a shortcut and never a second opinion: an alias moved a moment ago is
   seen at once, and a name that does not exist gets MLflow's own error.
 
-Standard library only."""
+No MLflow import: the standard library and the project's own HTTP client."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import sqlite3
-import urllib.error
+import sys
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from digits.core.settings import MLFLOW_WORKSPACE
 from digits.tracking.registry import MODEL_TAG
 
 _ALIAS = re.compile(r"models:/([^/@]+)@([^/@]+)")
 _VERSION = re.compile(r"models:/([^/@]+)/(\d+)")
 TIMEOUT = 10  # seconds for the server's answer; past it, MLflow's client takes over
 DELETED = "Deleted_Internal"  # MLflow's mark on a deleted version (kept in the table)
+# SQLite stores' schema revisions (alembic_version) whose registry tables the queries below
+# were checked against: the one MLflow 3.17 creates. A new MLflow adding one: read its
+# migrations for the tables below (model_versions, model_version_tags, registered_model_aliases),
+# then add it here.
+KNOWN_SCHEMAS = frozenset({"dc11669786a5"})
+_told: set[tuple[str, str | None]] = set()  # (store, revision) said once per process
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ def parse(uri: str) -> tuple[str, str | None, str | None] | None:
 def lookup(store: str, uri: str) -> Version | None:
     """The version `uri` names in `store` (a tracking URI), or None where only MLflow can say."""
     ref = parse(uri)
-    if ref is None or os.environ.get("MLFLOW_WORKSPACE"):
+    if ref is None or MLFLOW_WORKSPACE.get():
         return None
     from digits.tracking.store import is_server, sqlite_path
 
@@ -94,6 +103,29 @@ WHERE workspace = 'default' AND name = ? AND alias = ?
 """
 
 
+def schema(conn: sqlite3.Connection) -> str | None:
+    """The store's schema revision, as MLflow's migrations record it (None: not recorded)."""
+    try:
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
+
+
+def _known(db: Path, revision: str | None) -> bool:
+    """Whether the queries know this schema; if not, say so (once per store and revision)."""
+    if revision in KNOWN_SCHEMAS:
+        return True
+    if (str(db), revision) not in _told:
+        _told.add((str(db), revision))
+        print(
+            f"digits: warning: MLflow store {db} has schema revision {revision or '(none)'}, "
+            "which digits.tracking.resolve does not know; asking MLflow instead (slower)",
+            file=sys.stderr,
+        )
+    return False
+
+
 def _from_sqlite(db: Path, name: str, alias: str | None, version: str | None) -> Version | None:
     if not db.is_file():
         return None
@@ -101,6 +133,8 @@ def _from_sqlite(db: Path, name: str, alias: str | None, version: str | None) ->
         # read-only: never creates, migrates or locks the store for writing
         conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
         with contextlib.closing(conn):
+            if not _known(db, schema(conn)):
+                return None
             if alias is not None:
                 row = conn.execute(_ALIAS_SQL, (name, alias)).fetchone()
                 if row is None:
@@ -115,7 +149,7 @@ def _from_sqlite(db: Path, name: str, alias: str | None, version: str | None) ->
 
 
 def _from_server(url: str, name: str, alias: str | None, version: str | None) -> Version | None:
-    from digits.tracking.store import _ssl_context
+    from digits.tracking.store import server_get
 
     if alias is not None:
         query = urllib.parse.urlencode({"name": name, "alias": alias})
@@ -123,32 +157,15 @@ def _from_server(url: str, name: str, alias: str | None, version: str | None) ->
     else:
         query = urllib.parse.urlencode({"name": name, "version": version})
         endpoint = f"{url}/api/2.0/mlflow/model-versions/get?{query}"
-    request = urllib.request.Request(endpoint, headers=_auth_headers())
-    context = _ssl_context() if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as r:
-            mv = json.loads(r.read())["model_version"]
+        answer = server_get(endpoint, TIMEOUT)
+        if not answer.ok:
+            return None
+        mv = answer.json()["model_version"]
         tags = {t["key"]: t.get("value") for t in mv.get("tags", [])}
         where = mv.get("storage_location") or mv.get("source")
         if mv.get("status", "READY") != "READY" or not where:
             return None
         return Version(name, str(mv["version"]), tags.get(MODEL_TAG), where)
-    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _auth_headers() -> dict[str, str]:
-    """The credentials MLflow's client would send (its environment variables)."""
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    user, password = (
-        os.environ.get("MLFLOW_TRACKING_USERNAME"),
-        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
-    )
-    if user and password:
-        import base64
-
-        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-        return {"Authorization": f"Basic {basic}"}
-    return {}

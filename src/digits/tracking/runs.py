@@ -29,6 +29,7 @@ from digits.core.config import Params, flat_params
 from digits.core.errors import sigterm_raises
 from digits.core.files import repo_root
 from digits.core.reports import Epoch
+from digits.core.settings import DIGITS_SWEEP
 from digits.tracking import lineage, registry
 from digits.tracking.store import Store, open_store
 
@@ -90,6 +91,7 @@ def active_run(
     raises, KILLED on Ctrl+C or SIGTERM."""
     import mlflow
 
+    store.make_current()  # the fluent API's store: the run's, its model's, its artifacts'
     with store.writing():
         run = mlflow.start_run(
             run_id=run_id,
@@ -122,13 +124,13 @@ def _mark_training_experiment(store: Store) -> None:
 
 # JSON that `digits sweep` hands a trial's train stage: its MLflow parent run and tags. It lives
 # here, not in sweep.py, so that the stages do not depend on the sweep's code.
-SWEEP_ENV = "DIGITS_SWEEP"
+SWEEP_ENV = DIGITS_SWEEP.name
 
 
 def sweep_tags() -> dict[str, str]:
     """A `digits sweep` trial's run (the sweep hands it SWEEP_ENV): a child of the study's
     parent run, tagged with the study, the trial's number and the worker that ran it."""
-    raw = os.environ.get(SWEEP_ENV)
+    raw = DIGITS_SWEEP.get()
     if not raw:
         return {}
     trial = json.loads(raw)

@@ -13,34 +13,30 @@ Writes to a SQLite store are serialised with a file lock beside the database: SQ
 writer, MLflow's schema migration on a fresh file is not safe to run twice at once, and a model
 version number is read-then-written. Parallel pipelines then queue for the lock, not fail.
 
-`open_store(experiment)` is what the stages, `digits promote` and `digits predict` use: a
-connected client whose `writing()` block holds the lock and turns MLflow's exceptions into one
-line naming the store."""
+`open_store(experiment)` is what the stages, `digits promote` and `digits sweep` use: a
+connected client (MlflowClient of that URI) whose `writing()` block holds the lock and turns
+MLflow's exceptions into one line naming the store. Connecting changes no global state: the
+store is handed to whatever uses it. MLflow's fluent API (mlflow.start_run, log_model,
+mlflow.artifacts) takes its store from a process-wide setting instead; `Store.make_current()`
+is the one place that sets it, for the run a stage keeps active (digits.tracking.runs)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import os
-import urllib.error
+import ssl
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from digits.core import http, settings
 from digits.core.errors import DigitsError, first_line
 from digits.core.files import repo_root
 
-# MLflow's HTTP client retries with backoff for minutes by default; a pipeline stage should
-# fail fast with a clear message instead. Set in `open_store()`; a user's own setting wins.
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-    # a stage's log is for people: no progress bars for the few small files a model has
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
+# MLflow's client settings that every entry point sets (digits.core.settings.client_defaults)
+HTTP_DEFAULTS = settings.MLFLOW_CLIENT_DEFAULTS
 REACH_TIMEOUT = 10  # seconds for the /health probe of a tracking server
 
 
@@ -49,7 +45,7 @@ class StoreError(DigitsError):
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return settings.MLFLOW_TRACKING_URI.get() or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
 def is_server(uri: str) -> bool:
@@ -95,38 +91,56 @@ def translated(uri: str) -> Iterator[None]:
         raise StoreError(f"MLflow store {uri}: {first_line(e)}") from None
 
 
-def _ssl_context():
+def ssl_context() -> ssl.SSLContext:
     """TLS as MLflow's own client does it: MLFLOW_TRACKING_SERVER_CERT_PATH names a private
     CA bundle (e.g. a reverse proxy's own CA), MLFLOW_TRACKING_INSECURE_TLS=true skips checks."""
-    import ssl
+    if settings.MLFLOW_TRACKING_INSECURE_TLS.get():
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    ca = settings.MLFLOW_TRACKING_SERVER_CERT_PATH.get() or settings.REQUESTS_CA_BUNDLE.get()
+    return ssl.create_default_context(cafile=ca)
 
-    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-        return ssl._create_unverified_context()
-    ca = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or os.environ.get("REQUESTS_CA_BUNDLE")
-    return ssl.create_default_context(cafile=ca or None)
+
+def auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send (MLFLOW_TRACKING_TOKEN, else
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
+    if token := settings.MLFLOW_TRACKING_TOKEN.get():
+        return {"Authorization": f"Bearer {token}"}
+    user = settings.MLFLOW_TRACKING_USERNAME.get()
+    password = settings.MLFLOW_TRACKING_PASSWORD.get()
+    if user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    return {}
+
+
+def server_get(url: str, timeout: float) -> http.Response:
+    """GET `url` of a tracking server as MLflow's client connects: its TLS settings and
+    credentials. OSError when no answer came."""
+    context = ssl_context() if url.startswith("https://") else None
+    return http.get(url, timeout=timeout, headers=auth_headers(), context=context)
 
 
 def check_reachable(uri: str) -> None:
     """Fail in seconds, naming the server, where MLflow's client would retry for minutes."""
     if not is_server(uri):
         return
-    url = uri.rstrip("/") + "/health"
-    context = _ssl_context() if uri.startswith("https://") else None
     try:
-        urllib.request.urlopen(url, timeout=REACH_TIMEOUT, context=context).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):  # up, behind a login: MLflow's client sends the credentials
-            return
-        raise StoreError(
-            f"MLflow tracking server {uri} answered {e.code} {e.reason} at /health; the "
-            "stage's inputs are kept, rerun once it is up"
-        ) from None
-    except (urllib.error.URLError, OSError) as e:
+        answer = server_get(uri.rstrip("/") + "/health", REACH_TIMEOUT)
+    except OSError as e:
         reason = getattr(e, "reason", e)
         raise StoreError(
             f"MLflow tracking server {uri} is unreachable ({reason}); the "
             "stage's inputs are kept, rerun once it is up"
         ) from None
+    # 401, 403: up, behind a login (MLflow's client sends the credentials)
+    if not answer.ok and answer.status not in (401, 403):
+        raise StoreError(
+            f"MLflow tracking server {uri} answered {answer.status} {answer.reason} at /health;"
+            " the stage's inputs are kept, rerun once it is up"
+        )
 
 
 @dataclass
@@ -149,49 +163,52 @@ class Store:
         with translated(self.uri):
             yield self.client
 
+    def make_current(self) -> None:
+        """Point MLflow's fluent API (mlflow.start_run, mlflow.pyfunc.log_model,
+        mlflow.artifacts) at this store: it reads a process-wide setting, not a client. The
+        project's one call of mlflow.set_tracking_uri, made where a run becomes active
+        (digits.tracking.runs.active_run); everything else takes the store's client."""
+        import mlflow
 
-def client_defaults() -> None:
-    """MLflow's client settings for this project's commands (HTTP_DEFAULTS); a user's own
-    setting wins. Before the first MLflow call."""
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+        mlflow.set_tracking_uri(self.uri)
 
 
-def open_store(experiment: str) -> Store:
-    """Point MLflow at the store (creating it and the experiment if needed), check that the
-    experiment can take this pipeline's runs, and return it connected."""
-    import mlflow
+def open_store(experiment: str, uri: str | None = None) -> Store:
+    """The store at `uri` (default: the configured one, `tracking_uri()`) connected, the
+    experiment created there if needed and checked to take this pipeline's runs."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client_defaults()
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    with store_lock(uri):
+    with store_lock(uri):  # a client's first call creates (migrates) a fresh SQLite store
         try:
-            exp = mlflow.get_experiment_by_name(experiment) or _create_experiment(experiment, uri)
-        except mlflow.exceptions.MlflowException as e:
-            if "error code 401" in first_line(e):  # a server behind MLflow's basic-auth app
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            exp = client.get_experiment_by_name(experiment) or _create_experiment(
+                client, experiment, uri
+            )
+        except MlflowException as e:
+            if e.get_http_status_code() == 401:  # a server behind MLflow's basic-auth app
                 raise StoreError(
                     f"MLflow tracking server {uri} wants a login: set MLFLOW_TRACKING_USERNAME "
                     "and MLFLOW_TRACKING_PASSWORD"
                 ) from None
             raise StoreError(f"MLflow store {uri}: {first_line(e)}") from None
     _check_experiment(exp, uri)
-    return Store(uri, MlflowClient(uri), exp.experiment_id)
+    return Store(uri, client, exp.experiment_id)
 
 
-def _create_experiment(name: str, uri: str):
-    import mlflow
+def _create_experiment(client, name: str, uri: str):
+    from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.create_experiment(name, artifact_location=artifact_location(uri))
-    except mlflow.exceptions.MlflowException as e:
+        client.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException as e:
         # on a server, another client (a teammate, a parallel queued experiment) may have
         # created it since we looked: use theirs
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    return mlflow.get_experiment_by_name(name)
+    return client.get_experiment_by_name(name)
 
 
 def _check_experiment(exp, uri: str) -> None:
