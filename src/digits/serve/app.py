@@ -1,23 +1,37 @@
 """`digits app`: a page to draw a digit (or upload a picture of one) and see what the model
-thinks: the ten probabilities and the 28x28 image it was given.
+thinks: the ten probabilities and the 28x28 image it was given; and the same as an API.
 
-One FastAPI app served by uvicorn on 127.0.0.1. The page is plain HTML/JS/CSS from
-`digits/static` (nothing from a CDN). `POST /predict` takes the image's bytes as the body,
-with an `image/*` Content-Type (no multipart form, so no extra parser), and runs the same
-`preprocess` and cutting into digits as `digits predict`, and answers with the JSON of
-`digits predict --json`; `?images=true` adds what the model saw of each piece (the page asks
-for it). A bad request gets a 4xx whose JSON `detail` says what was wrong, and the server goes
-on serving.
+One FastAPI app served by uvicorn on 127.0.0.1, in `--workers` processes sharing the socket.
+The page is plain HTML/JS/CSS from `digits/serve/static` (nothing from a CDN). `POST /predict`
+takes the image's bytes as the body, with an `image/*` Content-Type (no multipart form, so no
+extra parser), runs the same `preprocess` and cutting into digits as `digits predict`, and
+answers with the JSON of `digits predict --json`, plus the prediction's id and the model that
+gave it (registered name, version, the URI asked for); `?images=true` adds what the model saw of
+each piece (the page asks for it). A bad request gets a 4xx whose JSON `detail` says what was
+wrong, and the server goes on serving.
+
+Each worker follows the alias it was started on (digits.serve.served), logs every answer
+(digits.serve.predlog), takes corrections (`POST /feedback`) and counts (`GET /metrics`,
+digits.serve.metrics). `GET /health` says which version every worker serves. docs/service.md.
 
 Only the `digits app` handler imports this module. No torch; MLflow only where
 digits.serve.predict.load_model needs it to download the model."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
+import shutil
 import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import uvicorn
@@ -26,10 +40,13 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from digits.core.errors import DigitsError
+from digits.core.errors import DigitsError, first_line, redact
+from digits.core.files import atomic_path
 from digits.core.mnist import COLS, ROWS
 from digits.data.imaging import MAX_BYTES, ImageError, read_image
-from digits.serve.predict import champion_uri, load_model, read_all, reading_record
+from digits.serve import predlog
+from digits.serve.predict import champion_uri, read_all, reading_record
+from digits.serve.served import Follower, Holder, Served, follows, load_served
 
 STATIC = files("digits.serve") / "static"
 # Past MAX_BYTES a body is read and dropped (not kept) so the client can finish sending and
@@ -56,12 +73,128 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(model, model_uri: str) -> FastAPI:
-    """The app around an already loaded `model` (digits.serve.predict.load_model: do it once)."""
+@dataclass(frozen=True)
+class Options:
+    """What every worker is told (pickled to the worker processes with uvicorn's config)."""
+
+    uri: str  # the URI asked for: an alias is followed, a version stays pinned
+    store: str  # the tracking URI
+    version: str | None = None  # the version the parent loaded: every worker starts on it
+    follow_interval: float = 2.0  # seconds between polls of the store; 0: never follow
+    log_url: str | None = None  # the prediction log (a SQLAlchemy URL); None: --no-log
+    retention_days: float = 30.0
+    state_dir: str | None = None  # the workers' status files and Prometheus' folder
+    multiprocess: bool = False  # PROMETHEUS_MULTIPROC_DIR is set for the workers
+
+
+FEEDBACK_BYTES = 4096
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class CountRequests:
+    """ASGI middleware: each request counted by path and status, /predict's time observed."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = self.metrics.path(scope["path"])
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            if path == "/predict":
+                self.metrics.latency.observe(time.perf_counter() - t0)
+
+
+def say(text: str) -> None:
+    print(f"digits app [{os.getpid()}]: {text}", flush=True)
+
+
+def create_app(served: Served, options: Options) -> FastAPI:
+    """The app of one worker around an already loaded version (digits.serve.predict.load_served)."""
     from digits.core import blas
+    from digits.serve.metrics import Metrics
 
     blas.use_threads(1)  # one request at a time per process: its products on one thread
-    app = FastAPI(title="digits", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(options.multiprocess)
+    holder = Holder(served)
+    metrics.served(served.name, served.version)
+    log = None
+    if options.log_url is not None:
+        log = predlog.PredictionLog(
+            options.log_url, retention_days=options.retention_days, say=say,
+            on_write=metrics.logged,
+        )  # fmt: skip
+    status_dir = Path(options.state_dir, "workers") if options.state_dir else None
+
+    def status() -> dict:
+        current = holder.current
+        return {
+            "pid": os.getpid(),
+            "name": current.name,
+            "version": current.version,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(current.loaded_at)),
+            "following": follower is not None,
+            "reloads": holder.reloads,
+            "failed_reloads": holder.failed,
+            "problem": holder.problem,
+            "log": log.stats() if log is not None else None,
+        }
+
+    def publish() -> None:
+        """This worker's status where the others' /health can read it."""
+        if status_dir is None:
+            return
+        with contextlib.suppress(OSError):
+            status_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(status_dir / f"{os.getpid()}.json") as tmp:
+                tmp.write_text(json.dumps(status()))
+
+    def on_reload(ok: bool) -> None:
+        if ok:
+            metrics.reloads.inc()
+            metrics.served(holder.current.name, holder.current.version)
+        else:
+            metrics.failed_reloads.inc()
+
+    follower = None
+    if options.follow_interval > 0 and follows(options.uri):
+        follower = Follower(holder, options.store, options.follow_interval, say, publish, on_reload)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if log is not None:
+            log.start()
+        if follower is not None:
+            follower.start()
+        publish()
+        try:
+            yield
+        finally:
+            if follower is not None:
+                follower.stop()
+            if log is not None:
+                log.close()  # what is queued is written: every answered request is in the log
+            metrics.worker_gone()
+            if status_dir is not None:
+                with contextlib.suppress(OSError):
+                    (status_dir / f"{os.getpid()}.json").unlink()
+
+    app = FastAPI(
+        title="digits", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.add_middleware(CountRequests, metrics=metrics)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
@@ -71,19 +204,58 @@ def create_app(model, model_uri: str) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_uri}
+        mine = status()
+        workers = {mine["pid"]: mine}
+        if status_dir is not None:
+            for path in status_dir.glob("*.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    other = json.loads(path.read_text())
+                    if other["pid"] not in workers and _alive(other["pid"]):
+                        workers[other["pid"]] = other
+        every = [workers[pid] for pid in sorted(workers)]
+        problems = [f"worker {w['pid']}: {w['problem']}" for w in every if w["problem"]]
+        for w in every:
+            if w["log"] and w["log"]["last_error"]:
+                problems.append(f"worker {w['pid']}: prediction log: {w['log']['last_error']}")
+        return {
+            "status": "degraded" if problems else "ok",
+            "model": options.uri,
+            "name": mine["name"],
+            "version": mine["version"],
+            "worker": mine["pid"],
+            "workers": every,
+            "problems": problems,
+        }
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        data, kind = metrics.exposition()
+        return Response(data, media_type=kind)
 
     def answer(body: bytes, name: str, images: bool) -> bytes:
         """The model's answer as JSON, as `digits predict --json` gives it (a digit, or a
-        number and its pieces with their boxes); with `images`, also what the model saw of
-        each piece (the page shows it: 784 numbers a piece, most of the answer's bytes)."""
-        (reading,) = read_all(model, [(read_image(body, name), name)])
+        number and its pieces with their boxes) with its id and model; with `images`, also
+        what the model saw of each piece (the page shows it: 784 numbers a piece, most of the
+        answer's bytes)."""
+        current = holder.current  # read once: the answer and its log entry name one model
+        (reading,) = read_all(current.model, [(read_image(body, name), name)])
         record = reading_record(name, reading)
         del record["file"]
+        record["prediction_id"] = pid = predlog.new_id()
+        record["model"] = current.record
+        if log is not None:
+            seen = predlog.pixels([p.image for p in reading.pieces])
+            log.add(predlog.Entry(pid, predlog.now(), "app", current.record, record, seen))
+        count = metrics.answers
+        if not reading.pieces or reading.said is None:
+            count.labels("no ink").inc()
+        else:
+            for d in reading.said.digit.tolist():
+                count.labels(str(d) if d >= 0 else predlog.NOT_A_DIGIT).inc()
         if images:
-            seen = [np.round(p.image.reshape(ROWS, COLS), 3).tolist() for p in reading.pieces]
-            record["images"] = seen  # piece by piece
-            record["image"] = seen[0] if seen else np.zeros((ROWS, COLS)).tolist()
+            seen_rows = [np.round(p.image.reshape(ROWS, COLS), 3).tolist() for p in reading.pieces]
+            record = {**record, "images": seen_rows}  # piece by piece
+            record["image"] = seen_rows[0] if seen_rows else np.zeros((ROWS, COLS)).tolist()
         # serialised here, in C: FastAPI's encoder walks every number in Python
         return json.dumps(record).encode()
 
@@ -113,7 +285,93 @@ def create_app(model, model_uri: str) -> FastAPI:
             raise HTTPException(400, str(e)) from None
         return Response(data, media_type="application/json")
 
+    @app.post("/feedback", status_code=201)
+    async def feedback(request: Request) -> dict:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await read_body(request)
+        if kind != "application/json":
+            raise HTTPException(
+                415, f"Content-Type {kind or '(none)'!r}: expected application/json"
+            )
+        if len(body) > FEEDBACK_BYTES:
+            raise HTTPException(413, f"a correction is a few bytes; the limit is {FEEDBACK_BYTES}")
+        prediction_id, label, piece = parse_feedback(body)
+        if log is None:
+            raise HTTPException(
+                409, "this service keeps no prediction log (digits app --no-log): corrections "
+                "cannot be stored",
+            )  # fmt: skip
+        client = request.client.host if request.client else None
+        agent = request.headers.get("user-agent")
+        stored = await run_in_threadpool(
+            store_feedback, log, prediction_id, label, piece, client, agent
+        )
+        metrics.feedback.labels(label).inc()
+        return {"feedback": stored, "prediction_id": prediction_id, "piece": piece, "label": label}
+
     return app
+
+
+def parse_feedback(body: bytes) -> tuple[str, str, int]:
+    """(prediction id, label, piece) of a correction's JSON body, or a 400 saying what is wrong:
+    {"prediction_id": "<32 hex digits>", "label": 0-9 or "not a digit", "piece": 0 (optional:
+    which digit of a number, from the left)}."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise HTTPException(
+            400, 'not JSON: expected {"prediction_id": ..., "label": ...}'
+        ) from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, "expected a JSON object with prediction_id and label")
+    pid = data.get("prediction_id")
+    if not isinstance(pid, str) or not _ID.fullmatch(pid):
+        raise HTTPException(
+            400, f"prediction_id {pid!r}: expected the 32 hex digits an answer gave"
+        )
+    label = data.get("label")
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)
+    if not isinstance(label, str) or label.strip().lower() not in predlog.LABELS:
+        raise HTTPException(400, f'label {label!r}: expected a digit 0-9 or "not a digit"')
+    piece = data.get("piece", 0)
+    if not isinstance(piece, int) or isinstance(piece, bool) or piece < 0:
+        raise HTTPException(400, f"piece {piece!r}: expected 0, 1, ... (a digit of the number)")
+    return pid, label.strip().lower(), piece
+
+
+def store_feedback(
+    log: predlog.PredictionLog, pid: str, label: str, piece: int, client, agent
+) -> int:
+    """Store a correction beside its answer. An answer given a moment ago may still be on its
+    way to the log (this worker's or another's batch): wait for it, a few batches long."""
+    deadline = time.monotonic() + 5 * log.interval + 2
+    try:
+        while (pieces := predlog.find(log.engine, pid)) is None:
+            if time.monotonic() > deadline:
+                raise HTTPException(404, f"prediction {pid}: no such answer in the log")
+            time.sleep(0.05)
+        if piece >= max(pieces, 1):
+            raise HTTPException(
+                400, f"piece {piece}: that answer has {pieces} piece(s), numbered from 0"
+            )
+        return predlog.add_feedback(log.engine, pid, label, piece, client, agent)
+    except HTTPException:
+        raise
+    except Exception as e:  # the database is down: the client may try again
+        raise HTTPException(
+            503, f"the prediction log cannot be reached ({first_line(e)})"
+        ) from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -136,20 +394,16 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-# handed to the worker processes: the version the parent loaded, and the URI the user gave
-MODEL_ENV, SHOWN_ENV = "DIGITS_APP_MODEL", "DIGITS_APP_MODEL_SHOWN"
-
-
-def worker_app() -> FastAPI:
-    """The app of one worker process (uvicorn imports this by name in each): its own copy of
-    the model the parent loaded (read in place, or from digits.serve.model_cache)."""
-    return create_app(load_model(os.environ[MODEL_ENV]), os.environ[SHOWN_ENV])
+def worker_app(options: Options) -> FastAPI:
+    """The app of one worker process (uvicorn calls this in each, with the parent's options):
+    its own copy of the version the parent loaded (read in place, or from
+    digits.serve.model_cache), following the alias from there."""
+    return create_app(load_served(options.uri, options.store, options.version), options)
 
 
 def pinned(uri: str) -> str:
-    """`models:/<name>/<version>` for the version an alias names now (digits.tracking.resolve), so
-    that every worker serves the version the parent loaded even if the alias moves meanwhile; the
-    URI itself where the store cannot be asked directly."""
+    """`models:/<name>/<version>` for the version an alias names now (digits.tracking.resolve);
+    the URI itself where the store cannot be asked directly."""
     from digits.tracking import resolve
     from digits.tracking.store import tracking_uri
 
@@ -157,29 +411,82 @@ def pinned(uri: str) -> str:
     return f"models:/{found.name}/{found.version}" if found else uri
 
 
+def log_url(args, store: str) -> str | None:
+    """The prediction log's SQLAlchemy URL (None with --no-log); checked, and its tables made,
+    now: a bad URL stops the command, a database that does not answer only warns (the workers
+    count what they cannot write, and write again once it answers)."""
+    if getattr(args, "no_log", False):
+        return None
+    url = predlog.normalise(args.log_db) if args.log_db else predlog.default_url(store)
+    eng = predlog.engine(url)
+    try:
+        predlog.create(eng)
+    except Exception as e:  # the service starts; /health says what is wrong
+        print(
+            f"digits app: warning: prediction log {redact(url)}: {first_line(e)}; "
+            "answers are served and counted as not logged until it answers",
+            file=sys.stderr,
+            flush=True,
+        )
+    finally:
+        eng.dispose()
+    return url
+
+
 def main(args) -> int:
     """The `digits app` handler: load the model, then serve until Ctrl+C, in `--workers`
     processes sharing the socket (each request is read and answered by one of them; Python
     runs one request's preprocessing at a time per process)."""
+    from digits.serve.metrics import MULTIPROC_ENV
+    from digits.tracking.store import tracking_uri
+
+    if args.follow_interval < 0:
+        raise DigitsError(f"--follow-interval {args.follow_interval}: expected seconds >= 0")
+    if args.log_retention_days <= 0:
+        raise DigitsError(f"--log-retention-days {args.log_retention_days}: expected > 0")
     sock = listen(args.host, args.port)  # first: a taken port fails before seconds of loading
     uri = args.model or champion_uri()
-    version = pinned(uri)
-    model = load_model(version)  # here first: a bad URI fails once, with one line
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    workers = args.workers or min(os.cpu_count() or 1, 4)
-    which = f"{uri} ({version})" if version != uri else uri
-    print(f"digits app: {which} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
-    print(f"digits app: ready, {workers} worker(s)", flush=True)
-    if workers == 1:
-        config = uvicorn.Config(create_app(model, uri), log_level="warning")
-        uvicorn.Server(config).run(sockets=[sock])
-        return 0
-    from uvicorn.supervisors import Multiprocess
+    store = tracking_uri()
+    url = log_url(args, store)
+    first = load_served(uri, store)  # here first: a bad URI fails once, with one line
+    state = tempfile.mkdtemp(prefix="digits-app-")
+    # before any worker imports prometheus-client: the workers' counts go to files there
+    os.environ[MULTIPROC_ENV] = str(Path(state, "prometheus"))
+    Path(state, "prometheus").mkdir()
+    options = Options(
+        uri=uri, store=store, version=first.version, follow_interval=args.follow_interval,
+        log_url=url, retention_days=args.log_retention_days, state_dir=state,
+        multiprocess=True,
+    )  # fmt: skip
+    try:
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        workers = args.workers or min(os.cpu_count() or 1, 4)
+        which = f"{uri} (version {first.version})" if first.version else uri
+        print(f"digits app: {which} on http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
+        if options.follow_interval > 0 and follows(uri):
+            every = f"{options.follow_interval:g} s"
+            print(f"digits app: following {uri}: a move is served within {every}", flush=True)
+        elif first.version:
+            print(f"digits app: pinned to version {first.version}", flush=True)
+        if url:
+            kept = f"{options.retention_days:g} days"
+            print(f"digits app: logging answers to {redact(url)} (kept {kept})", flush=True)
+        else:
+            print("digits app: answers are not logged (--no-log)", flush=True)
+        print(f"digits app: ready, {workers} worker(s)", flush=True)
+        if workers == 1:
+            config = uvicorn.Config(create_app(first, options), log_level="warning")
+            uvicorn.Server(config).run(sockets=[sock])
+            return 0
+        from uvicorn.supervisors import Multiprocess
 
-    os.environ[MODEL_ENV], os.environ[SHOWN_ENV] = version, uri
-    config = uvicorn.Config(
-        "digits.serve.app:worker_app", factory=True, workers=workers, log_level="warning"
-    )
-    Multiprocess(config, sockets=[sock]).run()
-    return 0
+        del first  # each worker loads its own copy
+        config = uvicorn.Config(
+            functools.partial(worker_app, options), factory=True, workers=workers,
+            log_level="warning",
+        )  # fmt: skip
+        Multiprocess(config, sockets=[sock]).run()
+        return 0
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
