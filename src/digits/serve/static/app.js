@@ -51,6 +51,7 @@ function offerCorrection(data) {
   pieceEl.replaceChildren();
   pieceEl.hidden = answered.pieces < 2;
   data.digits.forEach((d, i) => pieceEl.add(new Option(`digit ${i + 1} (${d.digit === null ? "?" : d.digit})`, String(i))));
+  correctEl.dataset.predictionId = answered.id || "";
   correctEl.hidden = !answered.id;
 }
 
