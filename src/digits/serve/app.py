@@ -145,7 +145,7 @@ def create_app(served: Served, options: Options) -> FastAPI:
             "name": current.name,
             "version": current.version,
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(current.loaded_at)),
-            "following": follower is not None,
+            "following": following,
             "reloads": holder.reloads,
             "failed_reloads": holder.failed,
             "problem": holder.problem,
@@ -168,22 +168,21 @@ def create_app(served: Served, options: Options) -> FastAPI:
         else:
             metrics.failed_reloads.inc()
 
-    follower = None
-    if options.follow_interval > 0 and follows(options.uri):
-        follower = Follower(holder, options.store, options.follow_interval, say, publish, on_reload)
+    following = options.follow_interval > 0 and follows(options.uri)
+    # pinned, the thread only keeps this worker's status (its log's counts) fresh for /health
+    every = options.follow_interval if following else 2.0
+    follower = Follower(holder, options.store, every, say, publish, on_reload, follow=following)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if log is not None:
             log.start()
-        if follower is not None:
-            follower.start()
+        follower.start()
         publish()
         try:
             yield
         finally:
-            if follower is not None:
-                follower.stop()
+            follower.stop()
             if log is not None:
                 log.close()  # what is queued is written: every answered request is in the log
             metrics.worker_gone()
@@ -397,7 +396,14 @@ def listen(host: str, port: int) -> socket.socket:
 def worker_app(options: Options) -> FastAPI:
     """The app of one worker process (uvicorn calls this in each, with the parent's options):
     its own copy of the version the parent loaded (read in place, or from
-    digits.serve.model_cache), following the alias from there."""
+    digits.serve.model_cache), following the alias from there. A worker started later (uvicorn
+    replaces one that died) starts on what the alias names by then, or, if that version does
+    not load, on the parent's (its follower then says why)."""
+    if options.follow_interval > 0 and follows(options.uri):
+        try:
+            return create_app(load_served(options.uri, options.store), options)
+        except Exception:  # the alias names a broken version: start as the parent did
+            pass
     return create_app(load_served(options.uri, options.store, options.version), options)
 
 
@@ -448,11 +454,16 @@ def main(args) -> int:
     uri = args.model or champion_uri()
     store = tracking_uri()
     url = log_url(args, store)
-    first = load_served(uri, store)  # here first: a bad URI fails once, with one line
     state = tempfile.mkdtemp(prefix="digits-app-")
-    # before any worker imports prometheus-client: the workers' counts go to files there
+    # before anything imports prometheus-client (MLflow may, loading the model): the counts of
+    # every worker go to files there
     os.environ[MULTIPROC_ENV] = str(Path(state, "prometheus"))
     Path(state, "prometheus").mkdir()
+    try:
+        first = load_served(uri, store)  # here first: a bad URI fails once, with one line
+    except BaseException:
+        shutil.rmtree(state, ignore_errors=True)
+        raise
     options = Options(
         uri=uri, store=store, version=first.version, follow_interval=args.follow_interval,
         log_url=url, retention_days=args.log_retention_days, state_dir=state,

@@ -48,7 +48,9 @@ class Holder:
 
 
 class Follower(threading.Thread):
-    """Polls the store for the version `holder`'s URI names and swaps it in when it moves."""
+    """Polls the store for the version `holder`'s URI names and swaps it in when it moves
+    (with `follow` False, a pinned service: it only calls `on_change` every interval, which
+    publishes the worker's status)."""
 
     RETRY = 30.0  # seconds before a version that failed to load is tried again
 
@@ -60,9 +62,11 @@ class Follower(threading.Thread):
         say: Callable[[str], None],
         on_change: Callable[[], None] = lambda: None,
         on_reload: Callable[[bool], None] = lambda ok: None,
+        follow: bool = True,
     ):
         super().__init__(name="digits-follow", daemon=True)
         self.holder, self.store, self.interval = holder, store, interval
+        self.follow = follow
         self.say, self.on_change, self.on_reload = say, on_change, on_reload
         self.stopping = threading.Event()
         self._failed: tuple[str, float] | None = None  # (version, when) of the last failure
@@ -70,7 +74,8 @@ class Follower(threading.Thread):
     def run(self) -> None:
         while not self.stopping.wait(self.interval):
             try:
-                self.check()
+                if self.follow:
+                    self.check()
             except Exception as e:  # a bug here must not stop the following
                 self._problem(f"following {self.holder.current.uri}: {first_line(e)}")
             self.on_change()
