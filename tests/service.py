@@ -190,26 +190,26 @@ def variant(weights: Path, dest: Path, tag: str) -> Path:
 
 
 class Registry:
-    """A SQLite store of its own in `root` (tests move its aliases): versions of the session's
-    champion's network, each approved by the gate's tag, and params.yaml + cwd for
-    `digits promote`."""
+    """A store of its own (tests move its aliases): a SQLite store in `root`, or the tracking
+    server at `uri`; versions of the session's champion's network, each approved by the gate's
+    tag, the first @champion; and params.yaml + cwd (`root`) for `digits promote`."""
 
-    def __init__(self, root: Path, weights: Path, versions: int = 2):
+    def __init__(self, root: Path, weights: Path, versions: int = 2, uri: str | None = None):
         import mlflow
 
         from digits.tracking import registry
 
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.uri = uri or f"sqlite:///{root / 'mlflow.db'}"
         self.env = {"MLFLOW_TRACKING_URI": self.uri}
         shutil.copy2(ROOT / "params.yaml", root / "params.yaml")
         previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         try:
-            exp = mlflow.create_experiment(
-                "tests", artifact_location=(root / "mlartifacts").as_uri()
-            )
+            # a server keeps the artifacts where it likes; a SQLite store's go beside it
+            where = None if uri else (root / "mlartifacts").as_uri()
+            exp = mlflow.create_experiment("tests", artifact_location=where)
             self.experiment = exp
             self.client = mlflow.MlflowClient(self.uri)
             self.versions = [self.add(weights, f"v{i + 1}") for i in range(versions)]

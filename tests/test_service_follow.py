@@ -189,3 +189,39 @@ def test_a_version_uri_stays_pinned(champion, pictures, tmp_path):
             assert answer["model"] == {"name": NAME, "version": v1, "uri": pinned}
         health = app.health()
         assert health["version"] == v1 and not health["workers"][0]["following"]
+
+
+def test_a_service_follows_the_alias_on_a_team_tracking_server(champion, pictures, tmp_path):
+    """The same with the team's MLflow server (PostgreSQL, proxied artifacts): the workers ask
+    its REST API, and download the new version's weights through MLflow."""
+    import socket
+
+    from pg import TeamServer, local_postgres
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pg = local_postgres().start()
+    try:
+        server = TeamServer(pg.create_database("mlflow"), tmp_path / "artifacts", pg.env,
+                            tmp_path / "server.log", port).start()  # fmt: skip
+        try:
+            reg = Registry(tmp_path / "here", champion["weights"], 2, uri=server.url)
+            v1, v2 = reg.versions
+            env = {**reg.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+            args = ["--follow-interval", str(INTERVAL), "--log-db", str(tmp_path / "log.db")]
+            with App(args, env, reg.root) as app:
+                assert app.versions() == {v1}
+                with Load(app.url, pictures[0], clients=2) as load:
+                    wait_for("answers before the promotion", lambda: load.count() >= 10)
+                    reg.promote(v2, "--reason", "on the server")
+                    wait_for("both workers on the new version", lambda: app.versions() == {v2},
+                             log=app.text)  # fmt: skip
+                    seen = load.count()
+                    wait_for("answers after the switch", lambda: load.count() >= seen + 10)
+                assert [s for _, s, _ in load.answers] == [200] * len(load.answers)
+                assert answered_versions(load)[-10:] == [v2] * 10
+        finally:
+            assert server.stop() == 0, server.tail()
+    finally:
+        pg.stop()
