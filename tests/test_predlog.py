@@ -233,3 +233,24 @@ def test_postgresql_one_log_for_two_services_and_a_database_stopped_mid_load(
             two.stop()
     finally:
         pg.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--log-db", "nosuch://u:pw@h/db"], "--log-db nosuch://u:***@h/db: not a database URL"),
+        (["--follow-interval", "-1"], "--follow-interval -1.0: expected seconds >= 0"),
+        (["--log-retention-days", "0"], "--log-retention-days 0.0: expected > 0"),
+    ],
+    ids=["url", "interval", "retention"],
+)
+def test_bad_options_are_one_line(champion, tmp_path, args, says):
+    from helpers import run
+    from service import DIGITS
+
+    proc = run([DIGITS, "app", "--port", "0", *args], tmp_path, env=champion["env"], check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"digits app: error: {says}"), line
+    assert "pw" not in line
