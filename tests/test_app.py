@@ -100,6 +100,10 @@ def test_the_page_and_everything_it_loads_are_served_locally(server):
     assert sorted(assets) == ["static/app.js", "static/style.css"]
     for text in [page] + [request(server + a)[1] for a in assets]:
         assert not re.search(r"https?:|//[a-z]|@import", text), "the page must not need a network"
+    from service import wait_for
+
+    # every worker up (the URL is printed before the second one has loaded its model)
+    wait_for("two workers", lambda: len(request(server + "health")[1]["workers"]) == 2)
     status, health = request(server + "health")
     assert status == 200 and health["status"] == "ok" and health["problems"] == []
     assert health["model"] == "models:/mnist-mlp@champion"

@@ -4,7 +4,9 @@ got, whichever worker answered each request and whichever answers /metrics."""
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -69,4 +71,11 @@ def test_the_counters_equal_what_was_sent(champion, tmp_path):
         assert samples(got["digits_log_dropped"]) == {(): 0.0}
         assert samples(got["digits_model_reloads"]) == {(): 0.0}
         assert samples(got["digits_model_reload_failures"]) == {(): 0.0}
+        # the workers' numbers are files in the service's own folder (PROMETHEUS_MULTIPROC_DIR)
+        mine = Path(tempfile.gettempdir()).glob(
+            f"digits-app-*/workers/{app.health()['worker']}.json"
+        )
+        (folder,) = (p.parent.parent for p in mine)
+        assert any((folder / "prometheus").glob("*.db"))
+    assert not folder.exists()  # deleted when the service stopped
     assert "Traceback" not in app.text(), app.text()

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -45,6 +44,7 @@ from digits.core.files import atomic_path
 from digits.core.mnist import COLS, ROWS
 from digits.data.imaging import MAX_BYTES, ImageError, read_image
 from digits.serve import predlog
+from digits.serve.feedback import FEEDBACK_BYTES, parse_feedback, store_feedback
 from digits.serve.predict import champion_uri, read_all, reading_record
 from digits.serve.served import Follower, Holder, Served, follows, load_served
 
@@ -87,36 +87,6 @@ class Options:
     multiprocess: bool = False  # PROMETHEUS_MULTIPROC_DIR is set for the workers
 
 
-FEEDBACK_BYTES = 4096
-_ID = re.compile(r"[0-9a-f]{32}")
-
-
-class CountRequests:
-    """ASGI middleware: each request counted by path and status, /predict's time observed."""
-
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        t0 = time.perf_counter()
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            path = self.metrics.path(scope["path"])
-            self.metrics.requests.labels(path, str(status[0])).inc()
-            if path == "/predict":
-                self.metrics.latency.observe(time.perf_counter() - t0)
-
-
 def say(text: str) -> None:
     print(f"digits app [{os.getpid()}]: {text}", flush=True)
 
@@ -124,7 +94,7 @@ def say(text: str) -> None:
 def create_app(served: Served, options: Options) -> FastAPI:
     """The app of one worker around an already loaded version (digits.serve.predict.load_served)."""
     from digits.core import blas
-    from digits.serve.metrics import Metrics
+    from digits.serve.metrics import CountRequests, Metrics
 
     blas.use_threads(1)  # one request at a time per process: its products on one thread
     metrics = Metrics(options.multiprocess)
@@ -309,58 +279,6 @@ def create_app(served: Served, options: Options) -> FastAPI:
         return {"feedback": stored, "prediction_id": prediction_id, "piece": piece, "label": label}
 
     return app
-
-
-def parse_feedback(body: bytes) -> tuple[str, str, int]:
-    """(prediction id, label, piece) of a correction's JSON body, or a 400 saying what is wrong:
-    {"prediction_id": "<32 hex digits>", "label": 0-9 or "not a digit", "piece": 0 (optional:
-    which digit of a number, from the left)}."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise HTTPException(
-            400, 'not JSON: expected {"prediction_id": ..., "label": ...}'
-        ) from None
-    if not isinstance(data, dict):
-        raise HTTPException(400, "expected a JSON object with prediction_id and label")
-    pid = data.get("prediction_id")
-    if not isinstance(pid, str) or not _ID.fullmatch(pid):
-        raise HTTPException(
-            400, f"prediction_id {pid!r}: expected the 32 hex digits an answer gave"
-        )
-    label = data.get("label")
-    if isinstance(label, int) and not isinstance(label, bool):
-        label = str(label)
-    if not isinstance(label, str) or label.strip().lower() not in predlog.LABELS:
-        raise HTTPException(400, f'label {label!r}: expected a digit 0-9 or "not a digit"')
-    piece = data.get("piece", 0)
-    if not isinstance(piece, int) or isinstance(piece, bool) or piece < 0:
-        raise HTTPException(400, f"piece {piece!r}: expected 0, 1, ... (a digit of the number)")
-    return pid, label.strip().lower(), piece
-
-
-def store_feedback(
-    log: predlog.PredictionLog, pid: str, label: str, piece: int, client, agent
-) -> int:
-    """Store a correction beside its answer. An answer given a moment ago may still be on its
-    way to the log (this worker's or another's batch): wait for it, a few batches long."""
-    deadline = time.monotonic() + 5 * log.interval + 2
-    try:
-        while (pieces := predlog.find(log.engine, pid)) is None:
-            if time.monotonic() > deadline:
-                raise HTTPException(404, f"prediction {pid}: no such answer in the log")
-            time.sleep(0.05)
-        if piece >= max(pieces, 1):
-            raise HTTPException(
-                400, f"piece {piece}: that answer has {pieces} piece(s), numbered from 0"
-            )
-        return predlog.add_feedback(log.engine, pid, label, piece, client, agent)
-    except HTTPException:
-        raise
-    except Exception as e:  # the database is down: the client may try again
-        raise HTTPException(
-            503, f"the prediction log cannot be reached ({first_line(e)})"
-        ) from None
 
 
 def _alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ registry: importing this module has no side effect."""
 from __future__ import annotations
 
 import os
+import time
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 # seconds: a one-digit photo takes ~1-3 ms, a big photo up to seconds
@@ -101,3 +102,29 @@ class Metrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(os.getpid())
+
+
+class CountRequests:
+    """ASGI middleware: each request counted by path and status, /predict's time observed."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = self.metrics.path(scope["path"])
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            if path == "/predict":
+                self.metrics.latency.observe(time.perf_counter() - t0)
