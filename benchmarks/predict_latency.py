@@ -247,7 +247,7 @@ def main() -> None:
         try:
             for name, bodies in (("one digit", one), ("4 digits", four)):
                 r = load(port, bodies, 8, args.requests)
-                rows.append((f"{name}, --no-log (the pair of the row above with logging)", 8, r))
+                rows.append((f"{name}, --no-log (a service of its own)", 8, r))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
