@@ -114,12 +114,13 @@ def test_the_page_and_everything_it_loads_are_served_locally(server):
     assert health["worker"] in {w["pid"] for w in health["workers"]}
 
 
-def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
+def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test, champion):
     """The endpoint answers with the digit, ten probabilities, and the very 28x28 image that
-    the shared preprocessing makes of the upload."""
+    the shared preprocessing makes of the upload; each answer has its id and is logged."""
     x, y = mnist_test
     rng = np.random.default_rng(5)
     right = 0
+    ids: set[str] = set()
     for i in range(20):
         fmt = "JPEG" if i % 2 else "PNG"
         body = photo_like(x[i], rng, fmt)
@@ -144,7 +145,20 @@ def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
         assert seen.shape == (28, 28)
         np.testing.assert_allclose(seen.ravel(), preprocess(read_image(body)), atol=6e-4)
         right += answer["digit"] == y[i]
+        ids.update((answer["prediction_id"], plain["prediction_id"]))
     assert right >= 18
+    # every answer is in the prediction log, by default predictions.db beside mlflow.db
+    import sqlite3
+
+    from service import wait_for
+
+    db = Path(champion["tracking_uri"].removeprefix("sqlite:///")).parent / "predictions.db"
+
+    def logged() -> set[str]:
+        with sqlite3.connect(db) as conn:
+            return {r[0] for r in conn.execute("SELECT id FROM predictions")}
+
+    wait_for("the answers in the log", lambda: ids <= logged())
 
 
 def test_a_big_photo_is_read_too(server, mnist_test):

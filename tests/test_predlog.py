@@ -96,6 +96,19 @@ def test_retention_deletes_old_answers_and_their_corrections(tmp_path):
     eng.dispose()
 
 
+def test_the_writer_prunes_what_is_past_retention(tmp_path):
+    db = tmp_path / "log.db"
+    eng = predlog.engine(f"sqlite:///{db}")
+    predlog.create(eng)
+    predlog.write(eng, [entry(i, predlog.now() - dt.timedelta(days=8)) for i in range(3)])
+    eng.dispose()
+    log = predlog.PredictionLog(f"sqlite:///{db}", retention_days=7).start()
+    fresh = entry(9)
+    log.add(fresh)
+    log.close()
+    assert rows(db) == [(fresh.id,)]
+
+
 def test_urls_and_a_bad_one(tmp_path):
     assert predlog.normalise("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
     assert predlog.normalise(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path / 'x.db'}"

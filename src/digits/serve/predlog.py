@@ -262,7 +262,7 @@ class PredictionLog:
         self.engine = engine(url)
         self._ready = False
         self._said_at = 0.0
-        self._pruned_at = 0.0
+        self._pruned_at = -float("inf")  # the first prune comes with the first write
         self._thread = threading.Thread(target=self._run, name="digits-predlog", daemon=True)
         self._stop = object()
 
@@ -353,6 +353,7 @@ class PredictionLog:
         self.on_write(len(entries), 0)
 
     def _maybe_prune(self) -> None:
+        """Once an hour (and after the first batch written), the answers past retention go."""
         if time.monotonic() - self._pruned_at < 3600 or not self._ready:
             return
         self._pruned_at = time.monotonic()
