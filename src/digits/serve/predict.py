@@ -227,6 +227,7 @@ def main(args) -> int:
     image is an answer, "not a digit (no ink)", not an error. The answers are then appended to
     the prediction log (digits.serve.predlog) unless --no-log: a log that cannot be written is
     one warning line, never a failed command."""
+    from digits.core.errors import redact
     from digits.serve import predlog
     from digits.tracking.store import tracking_uri
 
@@ -260,7 +261,7 @@ def main(args) -> int:
     sys.stdout.flush()  # the answers first; the log after them
     if url is not None and (why := predlog.log_now(url, entries)):
         print(
-            f"digits predict: warning: prediction log {predlog.redact(url)}: {why}; the answers "
+            f"digits predict: warning: prediction log {redact(url)}: {why}; the answers "
             "above were not logged",
             file=sys.stderr,
         )
