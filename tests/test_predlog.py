@@ -267,3 +267,27 @@ def test_bad_options_are_one_line(champion, tmp_path, args, says):
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"digits app: error: {says}"), line
     assert "pw" not in line
+
+
+@pytest.mark.slow
+def test_a_log_database_down_at_start_warns_and_the_service_serves(champion, pictures, tmp_path):
+    """Nothing listens where --log-db points: `digits app` says so, starts, answers every
+    request, and counts what it could not write."""
+    import socket
+
+    from service import request, wait_for
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://digits@127.0.0.1:{port}/predictions"
+    with app_on(champion, tmp_path, url, 1) as app:
+        assert (
+            f"digits app: warning: prediction log postgresql+psycopg://digits@127.0.0.1:{port}"
+            in app.text()
+        )
+        for body in pictures[:5]:
+            assert request(app.url + "predict", body, "image/png")[0] == 200
+        log = lambda: app.health()["workers"][0]["log"]  # noqa: E731
+        wait_for("the answers counted as not written", lambda: log()["dropped"] == 5, log=app.text)
+        assert log()["written"] == 0 and app.health()["status"] == "degraded"
