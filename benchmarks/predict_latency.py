@@ -4,11 +4,14 @@ load the page's endpoint holds, for a photo of one digit and one of a 4-digit nu
   1. one `digits predict PHOTO` process from start to end, with an empty model cache (the
      first ever) and again, against the floor: a Python that only imports numpy and Pillow;
   2. in this process, the model loaded: reading, cutting and predicting one picture;
-  3. `digits app` on 127.0.0.1 under load: C clients at once (threads, kept-alive connections),
-     each POSTing JPEG photos to /predict: requests/s, p50 and p99 latency, errors; the page's
-     requests (?images=true); bad bodies sent among them, which must get a 4xx while the rest
-     is served; and the ceiling: the same clients on GET /health, which does no work (what the
-     HTTP layer and the load generator alone allow on these cores).
+  3. `digits app` on 127.0.0.1 under load, every answer logged (the default; the log in a
+     temporary SQLite file): C clients at once (threads, kept-alive connections), each POSTing
+     JPEG photos to /predict: requests/s, p50 and p99 latency, errors; the page's requests
+     (?images=true); bad bodies sent among them, which must get a 4xx while the rest is
+     served; and the ceiling: the same clients on GET /health (what the HTTP layer and the load
+     generator alone allow on these cores);
+  4. the same service with `--no-log` beside it: one digit and 4 digits, 8 clients, so that
+     what the prediction log costs is the difference of two rows.
 
 The pictures are MNIST test digits made to look like photos (strips). The model is
 --model (default: the champion) in the configured store (MLFLOW_TRACKING_URI, else mlflow.db at
@@ -70,12 +73,15 @@ def drop_page_cache() -> bool:
         return False
 
 
-def cold(model: str, picture: Path, cache: Path, drop: bool = False) -> float | None:
+def cold(
+    model: str, picture: Path, cache: Path, drop: bool = False, log: list[str] | None = None
+) -> float | None:
+    """One `digits predict` process, start to end; `log`: its log options (default: none)."""
     if drop and not drop_page_cache():
         return None
     t0 = time.perf_counter()
     out = subprocess.run(
-        [DIGITS, "predict", "--model", model, str(picture)],
+        [DIGITS, "predict", "--model", model, *(log or ["--no-log"]), str(picture)],
         capture_output=True,
         env={**os.environ, "XDG_CACHE_HOME": str(cache)},
     )
@@ -91,8 +97,10 @@ def floor_start() -> float:
     return time.perf_counter() - t0
 
 
-def start_app(model: str, log: Path, workers: int | None) -> tuple[subprocess.Popen, int]:
-    cmd = [DIGITS, "app", "--port", "0", "--model", model]
+def start_app(
+    model: str, log: Path, workers: int | None, more: list[str]
+) -> tuple[subprocess.Popen, int]:
+    cmd = [DIGITS, "app", "--port", "0", "--model", model, *more]
     cmd += ["--workers", str(workers)] if workers else []
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out)
@@ -105,6 +113,13 @@ def start_app(model: str, log: Path, workers: int | None) -> tuple[subprocess.Po
         time.sleep(0.1)
     proc.kill()
     sys.exit(f"benchmark: digits app did not start:\n{log.read_text()}")
+
+
+def started(proc_port: tuple[subprocess.Popen, int], warm: list[bytes]) -> tuple:
+    """The service, warmed up: each worker's first requests (imports, first allocations) are
+    not what a running service answers with."""
+    load(proc_port[1], warm, 8, 200)
+    return proc_port
 
 
 def load(
@@ -163,12 +178,19 @@ def load(
     }
 
 
+def count_rows(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="default: the champion")
     ap.add_argument("--requests", type=int, default=1500, help="per load test (default 1500)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--workers", type=int, default=None, help="digits app --workers")
+    ap.add_argument("--workers", type=int, default=2, help="digits app --workers (default 2)")
     args = ap.parse_args()
     model_uri = args.model or champion_uri()
 
@@ -185,6 +207,8 @@ def main() -> None:
         disk = [cold(model_uri, tmp / "one.jpg", tmp / f"cache{i}", drop=True) for i in range(3)]
         again = [cold(model_uri, tmp / "one.jpg", tmp / "cache") for _ in range(3)]
         again4 = [cold(model_uri, tmp / "four.jpg", tmp / "cache") for _ in range(3)]
+        logged = ["--log-db", str(tmp / "cli-log.db")]
+        again_log = [cold(model_uri, tmp / "one.jpg", tmp / "cache", log=logged) for _ in range(3)]
 
         model = load_model(model_uri)
         local = {}
@@ -197,7 +221,8 @@ def main() -> None:
                 seconds.append(time.perf_counter() - t0)
             local[name] = seconds
 
-        proc, port = start_app(model_uri, tmp / "app.log", args.workers)
+        log_db = ["--log-db", str(tmp / "predictions.db")]
+        proc, port = started(start_app(model_uri, tmp / "app.log", args.workers, log_db), one)
         try:
             rows = []
             for clients in args.clients:
@@ -208,7 +233,7 @@ def main() -> None:
             rows.append(("one digit, 1 in 10 bad", 8, load(port, one, 8, args.requests, 10)))
             rows.append(
                 (
-                    "ceiling: GET /health (no work)",
+                    "ceiling: GET /health (little work: the workers' status)",
                     8,
                     load(port, None, 8, args.requests, path="/health"),
                 )
@@ -216,12 +241,28 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        logged_rows = count_rows(tmp / "predictions.db")
+        nolog = start_app(model_uri, tmp / "app-nolog.log", args.workers, ["--no-log"])
+        proc, port = started(nolog, one)
+        try:
+            for name, bodies in (("one digit", one), ("4 digits", four)):
+                r = load(port, bodies, 8, args.requests)
+                rows.append((f"{name}, --no-log (a service of its own)", 8, r))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
-    print(f"\nmodel {model_uri}; load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores\n")
+    print(
+        f"\nmodel {model_uri}; digits app --workers {args.workers}; load average "
+        f"{os.getloadavg()[0]:.1f}; {os.cpu_count()} cores; {logged_rows:,} answers in the "
+        "prediction log after the logged runs (warm-up included)\n"
+    )
     print(
         f"`digits predict one.jpg`, one process: first ever (empty model cache) {first:.2f} s; "
         f"then {min(again):.2f}-{max(again):.2f} s; a 4-digit photo "
-        f"{min(again4):.2f}-{max(again4):.2f} s; the floor (python importing numpy and Pillow) "
+        f"{min(again4):.2f}-{max(again4):.2f} s; with its answer logged (the default) "
+        f"{min(again_log):.2f}-{max(again_log):.2f} s; the floor (python importing numpy and "
+        "Pillow) "
         f"{min(floor):.2f}-{max(floor):.2f} s"
     )
     if None not in disk:

@@ -3,9 +3,9 @@
 
 And how pytest-xdist's workers share the suite (`make test`: `-n 2 --dist loadgroup`): in
 groups, each run whole by one worker, so that the module-scoped fixtures (servers, clusters,
-pipeline runs) and the session's trained champion are each built once. A group is a test module,
-except the modules whose tests use the champion (CHAMPION_MODULES), which make one group; the
-workers take the longest groups first (HEAVY), and the short ones fill in at the end. xdist's
+pipeline runs) are each built once. A group is a test module; the workers take the longest
+groups first (HEAVY), and the short ones fill in at the end. The session's `champion` is built
+by each worker that needs one (seconds: a few epochs), so its many users spread over both. xdist's
 own `loadgroup` (xdist_group marks) does not work with pytest 9.2, which no longer reads the
 node ids it rewrites: the scheduler here replaces it, grouping by module name."""
 
@@ -29,16 +29,14 @@ def pytest_configure(config):
     numerics.pin()
 
 
-# the modules whose tests use the session's `champion`: one group, so one worker trains it
-CHAMPION_MODULES = ("test_app", "test_predict", "test_resolve", "test_segment", "test_serve")
 # the groups that take longest, longest first (`make test` prints the slowest tests): a worker
 # that started one late would finish long after the other
-HEAVY = ("test_team", "test_sweep", "test_s3", "test_pipeline", "champion", "test_mlflow_ui")
+HEAVY = ("test_team", "test_sweep", "test_s3", "test_pipeline", "test_mlflow_ui")
 
 
 def group_of(module: str) -> str:
     """The xdist group of a test module (its file name without .py)."""
-    return "champion" if module in CHAMPION_MODULES else module
+    return module
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own: firstresult
@@ -55,15 +53,6 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if (
-            "champion" in getattr(item, "fixturenames", ())
-            and item.path.stem not in CHAMPION_MODULES
-        ):
-            raise pytest.UsageError(
-                f"{item.nodeid} uses the champion: add {item.path.stem!r} to CHAMPION_MODULES "
-                "in tests/conftest.py (its tests then run on the worker that trains it)"
-            )
     if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's collection: the scheduler's order
         rank = {name: i for i, name in enumerate(HEAVY)}
         items.sort(key=lambda item: rank.get(group_of(item.path.stem), len(HEAVY)))

@@ -41,7 +41,7 @@ def server(champion, tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [DIGITS, "app", "--port", "0", "--model", champion["model_uri"]],
+            [DIGITS, "app", "--port", "0", "--workers", "2", "--model", champion["model_uri"]],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **champion["env"], "OMP_NUM_THREADS": "1"},
@@ -100,18 +100,27 @@ def test_the_page_and_everything_it_loads_are_served_locally(server):
     assert sorted(assets) == ["static/app.js", "static/style.css"]
     for text in [page] + [request(server + a)[1] for a in assets]:
         assert not re.search(r"https?:|//[a-z]|@import", text), "the page must not need a network"
-    assert request(server + "health") == (
-        200,
-        {"status": "ok", "model": "models:/mnist-mlp@champion"},
-    )
+    from service import wait_for
+
+    # every worker up (the URL is printed before the second one has loaded its model)
+    wait_for("two workers", lambda: len(request(server + "health")[1]["workers"]) == 2)
+    status, health = request(server + "health")
+    assert status == 200 and health["status"] == "ok" and health["problems"] == []
+    assert health["model"] == "models:/mnist-mlp@champion"
+    assert (health["name"], health["version"]) == ("mnist-mlp", "1")
+    # every worker, each saying which version it serves
+    assert len(health["workers"]) == 2
+    assert [w["version"] for w in health["workers"]] == ["1", "1"]
+    assert health["worker"] in {w["pid"] for w in health["workers"]}
 
 
-def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
+def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test, champion):
     """The endpoint answers with the digit, ten probabilities, and the very 28x28 image that
-    the shared preprocessing makes of the upload."""
+    the shared preprocessing makes of the upload; each answer has its id and is logged."""
     x, y = mnist_test
     rng = np.random.default_rng(5)
     right = 0
+    ids: set[str] = set()
     for i in range(20):
         fmt = "JPEG" if i % 2 else "PNG"
         body = photo_like(x[i], rng, fmt)
@@ -119,7 +128,14 @@ def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
         assert status == 200, answer
         # without ?images, the JSON of `digits predict --json` alone (no "file")
         status, plain = request(server + "predict", body, f"image/{fmt.lower()}")
-        assert plain == {k: v for k, v in answer.items() if k not in ("images", "image")}
+        assert plain["prediction_id"] != answer["prediction_id"]  # each answer has its own
+        assert re.fullmatch(r"[0-9a-f]{32}", plain["prediction_id"])
+        other = ("images", "image", "prediction_id")
+        assert {k: v for k, v in plain.items() if k != "prediction_id"} == {
+            k: v for k, v in answer.items() if k not in other
+        }
+        model = {"name": "mnist-mlp", "version": "1", "uri": "models:/mnist-mlp@champion"}
+        assert answer["model"] == model
         assert len(answer["probabilities"]) == 10
         assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
         assert answer["guess"] == int(np.argmax(answer["probabilities"]))
@@ -129,7 +145,20 @@ def test_an_upload_is_read_as_digits_predict_reads_it(server, mnist_test):
         assert seen.shape == (28, 28)
         np.testing.assert_allclose(seen.ravel(), preprocess(read_image(body)), atol=6e-4)
         right += answer["digit"] == y[i]
+        ids.update((answer["prediction_id"], plain["prediction_id"]))
     assert right >= 18
+    # every answer is in the prediction log, by default predictions.db beside mlflow.db
+    import sqlite3
+
+    from service import wait_for
+
+    db = Path(champion["tracking_uri"].removeprefix("sqlite:///")).parent / "predictions.db"
+
+    def logged() -> set[str]:
+        with sqlite3.connect(db) as conn:
+            return {r[0] for r in conn.execute("SELECT id FROM predictions")}
+
+    wait_for("the answers in the log", lambda: ids <= logged())
 
 
 def test_a_big_photo_is_read_too(server, mnist_test):

@@ -202,10 +202,60 @@ def test_a_letter_is_not_a_digit_and_a_digit_is(champion, mnist_test, tmp_path):
     assert letter["confidence"] == max(letter["probabilities"])
     assert digit["digit"] == digit["guess"] == y[0]
     assert digit["confidence"] >= champion["classifier"].threshold
+    model = {"name": "mnist-mlp", "version": champion["version"], "uri": champion["model_uri"]}
+    assert re.fullmatch(r"[0-9a-f]{32}", blank.pop("prediction_id"))
     assert blank == {
         **{"file": "blank.png", "digit": None, "guess": None, "confidence": 0.0},
         **{"probabilities": None, "number": None, "reading": "", "digits": []},
+        "model": model,
     }
+
+
+@pytest.mark.slow
+def test_answers_name_their_model_and_go_to_the_log(champion, mnist_test, tmp_path):
+    """--json names the registered model, version and URI; every answer is appended to the
+    prediction log with its id, answer and the 28x28 bytes the model saw; --no-log logs none."""
+    import sqlite3
+
+    x, y = mnist_test
+    rng = np.random.default_rng(8)
+    (tmp_path / "digit.png").write_bytes(photo_like(x[0], rng))
+    (tmp_path / "two.png").write_bytes(photo_like(x[1], rng))
+    db = tmp_path / "log" / "answers.db"
+    db.parent.mkdir()
+    args = ["--json", "--log-db", str(db), "digit.png", "two.png"]
+    code, out, err = predict_cli(args, tmp_path, champion["env"])
+    assert code == 0 and err == [], err
+    rows = [json.loads(line) for line in out]
+    model = {"name": "mnist-mlp", "version": champion["version"], "uri": champion["model_uri"]}
+    assert [r["model"] for r in rows] == [model, model]
+    with sqlite3.connect(db) as conn:
+        logged = conn.execute(
+            "SELECT id, source, model_name, model_version, model_uri, digit, reading, pieces, "
+            "inputs FROM predictions ORDER BY at"
+        ).fetchall()
+    assert [r[0] for r in logged] == [r["prediction_id"] for r in rows]
+    for (_, source, name, version, uri, digit, reading, pieces, seen), r, picture in zip(
+        logged, rows, ("digit.png", "two.png"), strict=True
+    ):
+        assert (source, name, version, uri) == ("predict", "mnist-mlp", model["version"],
+                                                 model["uri"])  # fmt: skip
+        assert (digit, reading, pieces) == (r["digit"], r["reading"], 1)
+        expected = np.round(preprocess(read_image(str(tmp_path / picture))) * 255)
+        np.testing.assert_array_equal(np.frombuffer(seen, np.uint8), expected.astype(np.uint8))
+
+    code, out, err = predict_cli(["--json", "--no-log", "--log-db", str(db), "digit.png"],
+                                 tmp_path, champion["env"])  # fmt: skip
+    assert code == 0 and "prediction_id" not in json.loads(out[0])
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (2,)
+
+    # a log that cannot be written is a warning: the answers are given all the same
+    code, out, err = predict_cli(["--log-db", str(tmp_path / "no" / "such" / "dir.db"),
+                                  "digit.png"], tmp_path, champion["env"])  # fmt: skip
+    assert code == 0 and out[0].startswith(f"digit.png: {y[0]} (")
+    assert len(err) == 1 and err[0].startswith("digits predict: warning: prediction log sqlite:")
+    assert err[0].endswith("the answers above were not logged")
 
 
 @pytest.mark.slow
@@ -255,6 +305,7 @@ def test_no_store_is_one_line_and_creates_none(tmp_path):
         "holding it"
     ]
     assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "predictions.db").exists()
 
 
 @pytest.mark.slow

@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="make an approved version @champion by hand; who, when and why become its tags",
     )
-    p.add_argument("version", metavar="VERSION", help="the registered version, e.g. 7")
+    p.add_argument("version", metavar="VERSION", nargs="?", help="the registered version, e.g. 7")
+    p.add_argument(
+        "--rollback",
+        action="store_true",
+        help="instead of VERSION: put back the champion before the current one",
+    )
     p.add_argument("--reason", required=True, help="why (recorded on the version)")
     p.set_defaults(handler=_promote)
     model_help = (
@@ -58,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help=model_help)
     p.add_argument("--json", action="store_true", help="one JSON object per line, all ten probs")
+    _log_options(p)
     p.set_defaults(handler=_predict)
     p = sub.add_parser("app", help="a page to draw a digit and see what the model thinks")
     p.add_argument("--model", help=model_help)
@@ -65,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
     p.add_argument(
         "--workers", type=int, help="processes serving requests (default: the cores, at most 4)"
+    )
+    p.add_argument(
+        "--follow-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often each worker asks the store where the alias points; a move is served "
+        "within this (default 2; 0: never follow)",
+    )
+    _log_options(p)
+    p.add_argument(
+        "--log-retention-days",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="answers older than this are deleted from the log (default 30)",
     )
     p.set_defaults(handler=_app)
     p = sub.add_parser(
@@ -107,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_server)
     return parser
+
+
+def _log_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-db",
+        metavar="URL",
+        help="the prediction log: a SQLAlchemy URL such as postgresql://user@host/db "
+        "(password: PGPASSWORD or ~/.pgpass) or a SQLite file; default: predictions.db beside "
+        "mlflow.db",
+    )
+    p.add_argument("--no-log", action="store_true", help="do not log the answers")
 
 
 def _predict(args) -> int:

@@ -164,16 +164,6 @@ XDG_CACHE_HOME: Var[str | None] = Var(
     None,
     "Where downloaded models are kept (digits/models under it); unset: ~/.cache.",
 )
-DIGITS_APP_MODEL: Var[str | None] = Var(
-    "DIGITS_APP_MODEL",
-    None,
-    "Set by `digits app` for its worker processes: the version the parent loaded.",
-)
-DIGITS_APP_MODEL_SHOWN: Var[str | None] = Var(
-    "DIGITS_APP_MODEL_SHOWN",
-    None,
-    "Set by `digits app` for its workers: the model URI as the user gave it.",
-)
 
 # every variable above, by concern (docs/settings.md has a section for each)
 GROUPS: dict[str, tuple[Var, ...]] = {
@@ -190,7 +180,7 @@ GROUPS: dict[str, tuple[Var, ...]] = {
         MLFLOW_WORKSPACE,
     ),
     "`digits sweep`": (DIGITS_SWEEP_HEARTBEAT, DIGITS_SWEEP_GRACE, DIGITS_SWEEP),
-    "`digits predict` and `digits app`": (XDG_CACHE_HOME, DIGITS_APP_MODEL, DIGITS_APP_MODEL_SHOWN),
+    "`digits predict` and `digits app`": (XDG_CACHE_HOME,),
 }
 
 # What the project sets for MLflow's client, which reads these from the environment only: its

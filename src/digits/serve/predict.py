@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,38 @@ def load_model(uri: str | None = None):
             _check_registered(weights, found, uri, store)
             model_cache.keep(weights, found.sha256)
         return _from_folder(local, uri, store)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded version. `name`/`version` are None where the URI is not a registry URI the
+    store can be asked about (a folder, runs:/...)."""
+
+    model: object
+    uri: str  # what the user asked for, e.g. models:/mnist-mlp@champion
+    name: str | None
+    version: str | None
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def record(self) -> dict:
+        """What each answer says of its model."""
+        return {"name": self.name, "version": self.version, "uri": self.uri}
+
+
+def load_served(uri: str, store: str, version: str | None = None) -> Served:
+    """Load what `uri` names now in `store` (or, with `version`, that version of its model):
+    the version is resolved first and then loaded by number, so the model and the version it
+    is said to be cannot disagree. Raises DigitsError (digits.serve.predict.load_model)."""
+    from digits.tracking import resolve
+
+    ref = resolve.parse(uri)
+    name = ref[0] if ref else None
+    if version is None and ref is not None:
+        found = resolve.lookup(store, uri)
+        version = found.version if found else (ref[2] if ref[2] else None)
+    target = f"models:/{name}/{version}" if name and version else uri
+    return Served(load_model(target), uri, name, version)
 
 
 def _check_registered(weights: Path, found, uri: str, store: str) -> None:
@@ -188,10 +221,23 @@ def read_all(model, pictures: list) -> list[Reading]:
 
 
 def main(args) -> int:
-    """The `digits predict` handler: one line per image (or one JSON object with --json), in
-    the order given; an image that cannot be read is reported on stderr by name, the others are
-    still answered. A blank image is an answer, "not a digit (no ink)", not an error."""
-    model = load_model(args.model)
+    """The `digits predict` handler: one line per image (or one JSON object with --json, which
+    also names the model and, when logged, the prediction's id), in the order given; an image
+    that cannot be read is reported on stderr by name, the others are still answered. A blank
+    image is an answer, "not a digit (no ink)", not an error. The answers are then appended to
+    the prediction log (digits.serve.predlog) unless --no-log: a log that cannot be written is
+    one warning line, never a failed command."""
+    from digits.core.errors import redact
+    from digits.serve import predlog
+    from digits.tracking.store import tracking_uri
+
+    store = tracking_uri()
+    url = None
+    if not getattr(args, "no_log", False):
+        log_db = getattr(args, "log_db", None)
+        url = predlog.normalise(log_db) if log_db else predlog.default_url(store)
+    served = load_served(args.model or champion_uri(), store)
+    entries: list[predlog.Entry] = []
     failed = 0
     batch_size = 256  # print as we go for long lists, and keep memory flat
     for start in range(0, len(args.images), batch_size):
@@ -202,8 +248,23 @@ def main(args) -> int:
             except ImageError as e:
                 print(f"digits predict: error: {e}", file=sys.stderr)
                 failed += 1
-        for (_, name), reading in zip(pictures, read_all(model, pictures), strict=True):
-            print(format_reading(name, reading, args.json))
+        for (_, name), reading in zip(pictures, read_all(served.model, pictures), strict=True):
+            record = reading_record(name, reading)
+            if url is not None:
+                record["prediction_id"] = pid = predlog.new_id()
+                seen = predlog.pixels([p.image for p in reading.pieces])
+                entries.append(
+                    predlog.Entry(pid, predlog.now(), "predict", served.record, record, seen)
+                )
+            record["model"] = served.record
+            print(json.dumps(record) if args.json else format_reading(name, reading, False))
+    sys.stdout.flush()  # the answers first; the log after them
+    if url is not None and (why := predlog.log_now(url, entries)):
+        print(
+            f"digits predict: warning: prediction log {redact(url)}: {why}; the answers "
+            "above were not logged",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

@@ -13,6 +13,15 @@ CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 # version tags written when a version becomes champion: the record of who promoted it and why
 PROMOTED_AT, PROMOTED_BY, PROMOTED_VIA = "promoted_at", "promoted_by", "promoted_via"
 PROMOTION_REASON = "promotion_reason"
+# the champion a version replaced when it was promoted ("" for the first): the chain that
+# `digits promote --rollback` walks back
+PROMOTED_OVER = "promoted_over"
+# on a version `digits promote --rollback` took @champion from: who, when and why
+ROLLED_BACK_AT, ROLLED_BACK_BY, ROLLBACK_REASON = (
+    "rolled_back_at",
+    "rolled_back_by",
+    "rollback_reason",
+)
 STATUS, APPROVED, REJECTED = "validation_status", "approved", "rejected"
 REASONS = "validation_reasons"
 MODEL_TAG = "digits.model_sha256"  # the weights file a version was registered from
@@ -60,9 +69,50 @@ def record_promotion(
     client.set_registered_model_alias(name, CHAMPION, version)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     record = {PROMOTED_AT: now, PROMOTED_BY: by, PROMOTION_REASON: reason, PROMOTED_VIA: via}
+    record[PROMOTED_OVER] = old or ""
     for key, value in record.items():
         client.set_model_version_tag(name, version, key, value)
     return old
+
+
+def champion_before(client, name: str) -> tuple[str | None, str | None]:
+    """(@champion, the champion before it): the version the current champion replaced when
+    it was promoted (its PROMOTED_OVER tag); for a champion promoted before that tag was
+    written, the version promoted last before it (PROMOTED_AT), else @previous."""
+    current = alias_version(client, name, CHAMPION)
+    if current is None:
+        return None, None
+    tags = client.get_model_version(name, current).tags
+    if PROMOTED_OVER in tags:
+        return current, tags[PROMOTED_OVER] or None
+    when = tags.get(PROMOTED_AT)
+    earlier = [
+        v
+        for v in versions(client, name)
+        if PROMOTED_AT in v.tags
+        and str(v.version) != current
+        and (when is None or v.tags[PROMOTED_AT] <= when)
+        and not v.tags.get(ROLLED_BACK_AT, "") >= v.tags[PROMOTED_AT]  # taken back since
+    ]
+    if earlier:
+        best = max(earlier, key=lambda v: (v.tags[PROMOTED_AT], int(v.version)))
+        return current, str(best.version)
+    return current, alias_version(client, name, PREVIOUS)
+
+
+def record_rollback(client, name: str, current: str, back: str, *, by: str, reason: str) -> None:
+    """Move @champion from `current` back to `back` (the champion before it) and @previous to
+    `current`; tag both. `back` keeps the record of the champion it replaced itself, so a second
+    rollback goes one further back rather than undoing the first."""
+    kept = client.get_model_version(name, back).tags.get(PROMOTED_OVER)
+    record_promotion(client, name, back, by=by, reason=reason, via="digits promote --rollback")
+    if kept is not None:
+        client.set_model_version_tag(name, back, PROMOTED_OVER, kept)
+    else:  # a champion from before the tag: its own predecessor is not known
+        client.delete_model_version_tag(name, back, PROMOTED_OVER)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for key, value in {ROLLED_BACK_AT: now, ROLLED_BACK_BY: by, ROLLBACK_REASON: reason}.items():
+        client.set_model_version_tag(name, current, key, value)
 
 
 def accuracy_of(v) -> float:

@@ -1,7 +1,9 @@
 // The drawing page: pointer events (mouse, pen and touch alike) draw dark ink on white; when a
 // stroke ends the canvas goes to POST /predict as a PNG, and the answer fills the bars, the
 // 28x28 previews and, for a number, the boxes of its digits over the pad. The server does all
-// the preprocessing and the cutting into digits, the same as `digits predict`.
+// the preprocessing and the cutting into digits, the same as `digits predict`. Under each
+// answer, a row of buttons sends a correction (POST /feedback) for it: "that was a 7", "that
+// is not a digit", for a number one digit at a time.
 "use strict";
 
 const pad = document.getElementById("pad");
@@ -26,6 +28,54 @@ for (let d = 0; d < 10; d++) {
   bars.push({ li, bar: li.querySelector(".bar"), value: li.querySelector(".value") });
 }
 
+// --- corrections ---------------------------------------------------------------------------
+const correctEl = document.getElementById("correct");
+const pieceEl = document.getElementById("piece");
+const thanksEl = document.getElementById("thanks");
+let answered = null; // the answer shown: { id, pieces }
+
+for (const label of ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "not a digit"]) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = label;
+  button.dataset.label = label;
+  button.addEventListener("click", () => correct(label));
+  document.getElementById("labels").appendChild(button);
+}
+
+function offerCorrection(data) {
+  answered = { id: data.prediction_id, pieces: data.digits.length };
+  thanksEl.textContent = "";
+  thanksEl.dataset.state = "idle";
+  thanksEl.classList.remove("error");
+  pieceEl.replaceChildren();
+  pieceEl.hidden = answered.pieces < 2;
+  data.digits.forEach((d, i) => pieceEl.add(new Option(`digit ${i + 1} (${d.digit === null ? "?" : d.digit})`, String(i))));
+  correctEl.dataset.predictionId = answered.id || "";
+  correctEl.hidden = !answered.id;
+}
+
+async function correct(label) {
+  if (!answered) return;
+  const piece = answered.pieces > 1 ? Number(pieceEl.value) : 0;
+  const body = JSON.stringify({ prediction_id: answered.id, label: /^\d$/.test(label) ? Number(label) : label, piece });
+  thanksEl.dataset.state = "pending";
+  let response, data;
+  try {
+    response = await fetch("feedback", { method: "POST", headers: { "Content-Type": "application/json" }, body });
+    data = await response.json().catch(() => ({}));
+  } catch (err) {
+    response = null;
+    data = { detail: `the server did not answer (${err.message})` };
+  }
+  const ok = response && response.ok;
+  thanksEl.classList.toggle("error", !ok);
+  thanksEl.textContent = ok
+    ? `Thanks: recorded that ${answered.pieces > 1 ? `digit ${piece + 1}` : "it"} ${label === "not a digit" ? "is not a digit" : `is a ${label}`}.`
+    : `Not recorded: ${data.detail || `HTTP ${response.status}`}`;
+  thanksEl.dataset.state = ok ? "sent" : "error";
+}
+
 function setStatus(text, isError = false) {
   statusEl.textContent = text;
   statusEl.classList.toggle("error", isError);
@@ -37,6 +87,8 @@ function clearPad() {
 }
 
 function resetAnswer() {
+  answered = null;
+  correctEl.hidden = true;
   digitEl.textContent = "?";
   digitEl.dataset.state = "idle";
   confidenceEl.textContent = "";
@@ -150,6 +202,8 @@ async function send(body, type, what) {
     return;
   }
   show(data, what);
+  offerCorrection(data);
+  showModel(data.model);
 }
 
 function fail(message) {
@@ -197,6 +251,11 @@ function fillBars(p, top, pct) {
     b.value.textContent = pct(p[d]);
     b.li.classList.toggle("top", d === top);
   });
+}
+
+function showModel(model) {
+  if (!model) return;
+  document.getElementById("version").textContent = model.version ? `(version ${model.version} answered)` : "";
 }
 
 function done(message) {
