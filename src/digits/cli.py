@@ -107,6 +107,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="print the best trial and how to use it")
     p.set_defaults(handler=_sweep)
     p = sub.add_parser(
+        "monitor",
+        parents=[common],
+        help="a window of the prediction log against the version's reference; exit 1 on alert",
+    )
+    p.add_argument("--version", help="the registered version (default: the served @champion)")
+    p.add_argument(
+        "--since",
+        help="a duration back (24h, 90m, 7d) or an ISO 8601 time (default: "
+        "monitor.window of params.yaml)",
+    )
+    p.add_argument("--until", help="the window's end, the same forms (default: now)")
+    p.add_argument("--reference", help="a reference file (default: the version's own, in MLflow)")
+    p.add_argument("--report", default="monitor.html", help="the HTML report (monitor.html)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
+    _log_options(p, logging=False)
+    p.set_defaults(handler=_monitor)
+    p = sub.add_parser("feedback", help="review corrections and export the approved ones")
+    fsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = fsub.add_parser(
+        "review", parents=[common], help="list pending corrections; approve or reject them"
+    )
+    q.add_argument("--approve", type=int, nargs="+", metavar="ID", help="corrections to approve")
+    q.add_argument("--reject", type=int, nargs="+", metavar="ID", help="corrections to reject")
+    q.add_argument("--no-rule", action="store_true", help="do not apply feedback.min_sources' rule")
+    q.add_argument("--all", action="store_true", help="list decided corrections too")
+    q.add_argument("--images", action="store_true", help="draw each piece in the terminal")
+    _log_options(q, logging=False)
+    q.set_defaults(handler=_feedback_review)
+    q = fsub.add_parser("export", help="approved corrections -> a DVC-tracked .npz")
+    q.add_argument(
+        "--out", default="data/feedback/examples.npz", help="(default data/feedback/examples.npz)"
+    )
+    _log_options(q, logging=False)
+    q.set_defaults(handler=_feedback_export)
+    p = sub.add_parser(
         "server", help="the team's MLflow server: PostgreSQL + proxied artifacts (docs/team.md)"
     )
     p.add_argument(
@@ -131,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_options(p: argparse.ArgumentParser) -> None:
+def _log_options(p: argparse.ArgumentParser, logging: bool = True) -> None:
     p.add_argument(
         "--log-db",
         metavar="URL",
@@ -139,7 +175,26 @@ def _log_options(p: argparse.ArgumentParser) -> None:
         "(password: PGPASSWORD or ~/.pgpass) or a SQLite file; default: predictions.db beside "
         "mlflow.db",
     )
-    p.add_argument("--no-log", action="store_true", help="do not log the answers")
+    if logging:
+        p.add_argument("--no-log", action="store_true", help="do not log the answers")
+
+
+def _monitor(args) -> int:
+    from digits.monitor.command import main as monitor
+
+    return monitor(args)
+
+
+def _feedback_review(args) -> int:
+    from digits.monitor.feedback import review_main
+
+    return review_main(args)
+
+
+def _feedback_export(args) -> int:
+    from digits.monitor.feedback import export_main
+
+    return export_main(args)
 
 
 def _predict(args) -> int:

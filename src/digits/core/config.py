@@ -130,12 +130,34 @@ class GateParams(_Strict):
     promotion_branch: str = Field("main", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 
 
+class MonitorParams(_Strict):
+    """`digits monitor` (digits.monitor.drift): when a window of the prediction log alerts."""
+
+    window: str = Field("24h", pattern=r"^\d+(\.\d+)?[smhdw]$")  # default --since
+    min_pieces: int = Field(200, ge=1)  # a smaller window is reported, never alerts on drift
+    alpha: float = Field(0.01, gt=0, lt=1)  # family-wise false-alarm level (Bonferroni)
+    min_psi: float = Field(0.1, ge=0)  # effect floor of a shift (population stability index)
+    max_refusal_change: float = Field(0.02, ge=0, le=1)  # refusal rate's absolute change floor
+    min_corrections: int = Field(20, ge=1)  # corrected answers needed to judge their accuracy
+    min_corrected_accuracy: float = Field(0.0, ge=0, le=1)  # on corrected answers; 0 = off
+
+
+class FeedbackParams(_Strict):
+    """Corrections as training data (`digits feedback`): when a correction is approved without
+    a person, and the share of the exported set held out for evaluate and the gate."""
+
+    min_sources: int = Field(2, ge=1)  # distinct client addresses agreeing on a label
+    holdout_share: float = Field(0.3, ge=0, lt=1)  # by content hash: never trained on
+
+
 class Params(_Strict):
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     gates: GateParams = GateParams()
+    monitor: MonitorParams = MonitorParams()
+    feedback: FeedbackParams = FeedbackParams()
 
 
 def _describe(err) -> str:  # pydantic's ErrorDetails
