@@ -5,8 +5,13 @@ tagged it with the file's sha256), by the policy in digits.gate.policy, with the
 digits.gate.governance says apply. Every version's score comes from its record in the registry
 (digits.scoring.cache) when the record's key matches: the sha256 of the model's files as downloaded
 now, of the test data, and of the metric code. The evaluate stage writes the new version's
-record as it registers it; a version without a matching record is scored here, from its
-weights artifact (digits.model.inference), and its record written. So a pipeline run loads no torch.
+record as it registers it; a version without a matching record (or without a section its
+gates read) is scored here by the same scorer, from its weights artifact
+(digits.scoring.registered), and its record written. So a pipeline run loads no torch.
+
+The steps: the version judged (`judged_version`), the versions it is compared with
+(`compete`), the verdict (digits.gate.policy.judge), the registry's tags and aliases
+(`record`), the reports (`write_reports`) and the run's verdict (digits.tracking.runs).
 
 Only a promotion-branch run moves `@champion`/`@previous`; elsewhere a version that passes is
 approved and may become `@challenger`. Every version gets a description saying why, and the
