@@ -213,3 +213,52 @@ def test_gate_command_exits_nonzero_naming_gates(workspace, capsys):
     assert run_stage("gate") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("digits gate: error: failed gates: min_accuracy")
+
+
+@pytest.mark.slow
+def test_evaluate_uploads_the_model_outside_the_stores_write_lock(workspace):
+    """Registering holds the store's write lock (the version number is read, then written); the
+    model's upload does not. With the lock held elsewhere, the model's files reach the artifact
+    store, and the version is registered only once the lock is let go. And the model goes to
+    the run it names, from a thread with no active MLflow run: into the run's experiment's
+    artifacts, not the Default experiment's `mlruns/`."""
+    import threading
+    import time
+
+    from digits.core.files import HISTORY, MODEL
+    from digits.core.reports import read_history
+    from digits.data.preprocess import file_digest, load_arrays
+    from digits.model.network import save_model
+    from digits.stages import evaluate
+    from digits.tracking import runs
+    from digits.tracking.store import store_lock
+    from gate_workspace import hand_model
+
+    root, params = workspace
+    save_model(hand_model(), MODEL, [11], 0.0)
+    x, y = load_arrays(TEST_DATA, "test")
+    scored = evaluate.score(params, x, y)
+    sha = file_digest(MODEL)
+    done: list[str] = []
+    with runs.evaluation_run(params, model_sha256=sha, history=read_history(HISTORY)) as (
+        store,
+        run_id,
+    ):
+
+        def register():
+            done.append(evaluate.register(store, params, run_id, scored=scored,
+                                          model_sha256=sha, test_sha256="t"))  # fmt: skip
+
+        thread = threading.Thread(target=register)
+        with store_lock(store.uri):
+            thread.start()
+            artifacts = root / "mlartifacts"
+            deadline = time.monotonic() + 300  # a bound on a hang, not on speed
+            while not list(artifacts.rglob("*.safetensors")) and time.monotonic() < deadline:
+                assert thread.is_alive(), "register ended while the lock was held"
+                time.sleep(0.05)
+            assert list(artifacts.rglob("*.safetensors")), "the model was not uploaded"
+            assert not done and thread.is_alive()  # the version waits for the lock
+        thread.join()
+    assert done and aliases(MlflowClient()) == {} and not (root / "mlruns").exists()
+    assert MlflowClient().get_model_version(NAME, done[0]).tags["gate.score"]

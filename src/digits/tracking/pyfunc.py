@@ -75,7 +75,8 @@ def requirements() -> list[str]:
 
 def log_model(weights: Path, run_id: str) -> str:
     """Log the model of `weights` into run `run_id` (uploading its files); returns its URI,
-    `models:/<model id>`, for `register`."""
+    `models:/<model id>`, for `register`. Nothing here reads MLflow's "active run" or
+    "active experiment": the model goes to the run's experiment, from any thread."""
     import mlflow
     from mlflow.models import Model
 
@@ -86,6 +87,15 @@ def log_model(weights: Path, run_id: str) -> str:
         for module in SERVED_MODULES:
             (code / module).parent.mkdir(exist_ok=True)
             shutil.copy2(package / module, code / module)
+        run = mlflow.MlflowClient().get_run(run_id)
+        # created here, not by Model.log, which would file it under the active experiment (or
+        # the Default one) whatever run it names; with the run's params, as Model.log does
+        logged = mlflow.initialize_logged_model(
+            name="model",
+            source_run_id=run_id,
+            params=dict(run.data.params),
+            experiment_id=run.info.experiment_id,
+        )
         with warnings.catch_warnings():  # type hints and input examples: we give a signature
             warnings.simplefilter("ignore", UserWarning)
             # Model.log: what mlflow.pyfunc.log_model calls, with the run named, not "active"
@@ -94,6 +104,7 @@ def log_model(weights: Path, run_id: str) -> str:
                 name="model",
                 flavor=mlflow.pyfunc,
                 run_id=run_id,
+                model_id=logged.model_id,
                 python_model=str(CODE_FILE),
                 artifacts={WEIGHTS_ARTIFACT: str(weights)},
                 code_paths=[str(code)],
