@@ -54,6 +54,10 @@ def test_a_score_record_reads_back_only_under_its_key():
     stale = json.dumps({**json.loads(text), "robustness_sha256": "0" * 64})
     old = cache.from_cache(stale, "3", "m", "t", 10000)
     assert old is not None and old.evaluation == replace(full, robustness=None)
+    # a record of another shape is no record
+    for metrics in ([], {**full.to_dict(), "per_class": [1]}, {"accuracy": 0.9913}):
+        odd = json.dumps({**json.loads(text), "metrics": metrics})
+        assert cache.from_cache(odd, "3", "m", "t", 10000) is None
     # the scorer's own code is in the key: the composing module, not only the measures
     assert "scoring/scorer.py" in cache.SCORER_MODULES
 

@@ -122,9 +122,6 @@ class Evaluation:
     def accuracy(self) -> float:
         return self.metrics.accuracy
 
-    def has(self, section: str) -> bool:
-        return getattr(self, section) is not None
-
     def to_dict(self, *, robustness: bool = True) -> dict[str, Any]:
         """The JSON form (reports/metrics.json): the metrics' keys, then each section measured
         (`robustness=False` leaves that one out: the score cache keys it apart)."""

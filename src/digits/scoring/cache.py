@@ -154,5 +154,5 @@ def from_cache(
             cached=True,
             by=rec.get("by", "gate"),
         )
-    except (ValueError, KeyError, TypeError, zlib.error):
+    except (ValueError, KeyError, TypeError, AttributeError, zlib.error):
         return None

@@ -45,8 +45,8 @@ class VersionScorer:
         if hit is None:
             return False
         ev = hit.evaluation
-        return (ev.has("ood") or not self.suites.outliers_per_kind) and (
-            ev.has("robustness") or not self.suites.robustness
+        return (ev.ood is not None or not self.suites.outliers_per_kind) and (
+            ev.robustness is not None or not self.suites.robustness
         )
 
     def _score(self, version: str) -> Score:
