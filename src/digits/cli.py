@@ -137,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _log_options(q, logging=False)
     q.set_defaults(handler=_feedback_review)
     q = fsub.add_parser("export", help="approved corrections -> a DVC-tracked .npz")
-    q.add_argument(
-        "--out", default="data/feedback/examples.npz", help="(default data/feedback/examples.npz)"
-    )
+    q.add_argument("--out", default="feedback/examples.npz", help="(default feedback/examples.npz)")
     _log_options(q, logging=False)
     q.set_defaults(handler=_feedback_export)
     p = sub.add_parser(

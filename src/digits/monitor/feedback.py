@@ -3,7 +3,7 @@ digits.monitor.review.
 
     digits feedback review                       # pending corrections; the rule approves
     digits feedback review --approve 12 13 --reject 14
-    digits feedback export                       # data/feedback/examples.npz (DVC-tracked)"""
+    digits feedback export                       # feedback/examples.npz (DVC-tracked)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from digits.monitor import review
 
-EXPORT = Path("data/feedback/examples.npz")
+EXPORT = Path("feedback/examples.npz")
 
 
 def _items(args):

@@ -27,6 +27,7 @@ def run(params: Params) -> Evaluation:
     from digits.core.files import HISTORY, MODEL, TEST_DATA
     from digits.core.reports import read_history
     from digits.data.preprocess import file_digest, load_arrays
+    from digits.monitor import stage as monitoring
     from digits.tracking import runs as tracking
 
     model_sha256 = file_digest(MODEL)
@@ -40,6 +41,8 @@ def run(params: Params) -> Evaluation:
         scored = score(params, x, y)
         drawn = draw(scored, x, history, params.evaluate.misclassified_shown)
         write_reports(scored)
+        monitoring.record_reference(store, run_id)  # what `digits monitor` compares with
+        monitoring.record_feedback(store, run_id, params.feedback.holdout_share)
         print(summary(scored.evaluation))
         test_sha256 = file_digest(TEST_DATA)
         tracking.log_evaluation(store, run_id, scored.evaluation, drawn, test_sha256, len(y))
