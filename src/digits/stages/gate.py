@@ -48,6 +48,7 @@ def run(params: Params) -> Outcome:
     """The `gate` stage / `digits gate` command. Raises GateFailed (exit 1) on any failure."""
     from digits.core.files import GATE_REPORT, MODEL, TEST_DATA
     from digits.data.preprocess import file_digest
+    from digits.monitor.gatecheck import with_feedback
     from digits.tracking import runs as tracking
     from digits.tracking.store import open_store
 
@@ -67,6 +68,8 @@ def run(params: Params) -> Outcome:
             )
             contest = compete(client, scorer, name, version)
         outcome = judge(name, contest, where, test_sha256)
+        # and the feedback hold-out, when there is one (digits.monitor.gatecheck)
+        outcome = with_feedback(outcome, where.gates.alpha, params.feedback.holdout_share)
         outcome = record(store, scorer, outcome, run_id)
         text = write_reports(outcome, governance.advisory(params.gates, where.gates))
         tracking.log_gate(
