@@ -68,6 +68,14 @@ class OutlierParams(_Strict):
     per_kind: int = Field(400, ge=1, le=20000)  # the pool: images of each kind, warped anew
 
 
+class TrainFeedbackParams(_Strict):
+    """Approved corrections (feedback/examples.npz, less its hold-out) in training."""
+
+    # copies of each approved example added to the training set; 0 = off (the model's bytes
+    # are then those of a run without feedback)
+    weight: int = Field(0, ge=0, le=1000)
+
+
 class TrainParams(_Strict):
     hidden_sizes: tuple[int, ...] = Field((256, 128, 64, 32), min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -82,6 +90,7 @@ class TrainParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: AugmentParams = AugmentParams()
     outliers: OutlierParams = OutlierParams()
+    feedback: TrainFeedbackParams = TrainFeedbackParams()
     # the refusal threshold: the calibrated probability below which this share of the
     # validation digits falls; a test image whose best digit scores below it is "not a digit"
     refuse_val_share: float = Field(0.01, ge=0, lt=0.5)

@@ -229,14 +229,20 @@ def run(params: Params) -> TrainResult:
 
     p = params.train
     digest = file_digest(TRAIN_DATA)
-    key = fingerprint(p, digest)
     data = load_split(TRAIN_DATA, "train", "val")
+    refused = None
+    if p.feedback.weight:  # approved corrections; off by default, and then nothing changes
+        data, refused, fed = add_feedback(data, p.feedback.weight, params.feedback.holdout_share)
+        digest += fed
+    key = fingerprint(p, digest)
     # Outside the stage's outputs (DVC deletes those before a rerun) and under DVC_ROOT, so a
     # queued experiment's checkpoint outlives its temporary copy. Named by the run's identity.
     ckpt = Checkpoint(repo_root() / ".checkpoints" / f"train-{key[:16]}.safetensors", key)
     state = ckpt.load()
     splits = tracking.TrainingData(sha256=digest, train_rows=len(data[0]), val_rows=len(data[2]))
     pool = outlier_pool(p, data[0]) if p.outliers.enabled else None
+    if pool is not None and refused is not None and len(refused):
+        pool = torch.cat([pool, refused])  # corrections saying "not a digit"
     with tracking.training_run(params, splits, resume_run=state.run_id if state else "") as live:
         ckpt.run_id = live.run_id
         if state is not None:
@@ -255,3 +261,22 @@ def run(params: Params) -> TrainResult:
     last = result.history[-1]
     print(f"train: {MODEL} written; val accuracy {last.val_accuracy:.4f}")
     return result
+
+
+def add_feedback(data: list, weight: int, holdout_share: float) -> tuple[list, torch.Tensor, str]:
+    """The training data with `weight` copies of each approved correction that is not held out
+    (digits.monitor.stage), the "not a digit" ones apart (for the outlier pool), and the
+    feedback file's sha256 (it keys the checkpoint)."""
+    from digits.data.preprocess import file_digest
+    from digits.monitor.stage import FEEDBACK_DATA, load_feedback
+
+    fb = load_feedback()
+    fb = fb.part(~fb.held_out(holdout_share))
+    digit = fb.y >= 0
+    images = lambda a: torch.from_numpy(a).float().div_(255.0)  # noqa: E731
+    x = images(fb.x[digit]).repeat(weight, 1)
+    y = torch.from_numpy(fb.y[digit]).long().repeat(weight)
+    train_x, train_y, val_x, val_y = data
+    fed = [torch.cat([train_x, x]), torch.cat([train_y, y]), val_x, val_y]
+    sha = file_digest(FEEDBACK_DATA) if FEEDBACK_DATA.is_file() else ""
+    return fed, images(fb.x[~digit]), sha
