@@ -99,11 +99,11 @@ def record_feedback(store, run_id: str, share: float) -> dict:
 
     data = load_feedback()
     held = data.held_out(share)
-    correct = holdout_correct(Classifier.from_file(MODEL), data.part(held))
+    correct = holdout_correct(Classifier.from_file(MODEL), data.part(held)) if held.any() else []
     summary = {
         "examples": len(data),
         "holdout_size": int(held.sum()),
-        "accuracy": round(float(correct.mean()), 6) if len(correct) else None,
+        "accuracy": round(float(np.mean(correct)), 6) if len(correct) else None,
     }
     FEEDBACK_REPORT.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(FEEDBACK_REPORT) as tmp:

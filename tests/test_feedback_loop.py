@@ -1,0 +1,175 @@
+"""Corrections through the pipeline (digits.monitor.stage, digits.monitor.gatecheck, the train
+stage's hook): the hold-out fixed by content hash, training with `train.feedback.weight`
+copies and nothing changed at 0, evaluate's reports with no feedback, and, on a real
+registered champion in a real MLflow store: the version's reference logged into its run, the
+gate's paired check on the hold-out, and `digits monitor` finding the reference there and
+logging its run linked to the version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from digits.monitor import reference, review, stage
+
+
+def feedback_set(n: int, seed: int = 0) -> stage.FeedbackSet:
+    import hashlib
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 784), dtype=np.uint8)
+    sha = np.array([hashlib.sha256(r.tobytes()).hexdigest() for r in x], "U64")
+    order = np.argsort(sha)
+    y = rng.integers(-1, 10, n)
+    return stage.FeedbackSet(x[order], y[order], sha[order])
+
+
+def write(data: stage.FeedbackSet, path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, x=data.x, y=data.y, sha256=data.sha256)
+
+
+def test_the_holdout_is_fixed_by_each_examples_hash():
+    big = feedback_set(400)
+    held = big.held_out(0.3)
+    assert 0.2 < held.mean() < 0.4
+    part = big.part(np.arange(400) % 3 == 0)  # another export, a subset of this one
+    np.testing.assert_array_equal(part.held_out(0.3), held[np.arange(400) % 3 == 0])
+    assert not big.held_out(0.0).any()
+
+
+def test_training_adds_weight_copies_of_the_examples_not_held_out(tmp_path, monkeypatch):
+    import torch
+
+    from digits.stages.train import add_feedback
+
+    monkeypatch.chdir(tmp_path)
+    data = feedback_set(100, seed=1)
+    write(data, stage.FEEDBACK_DATA)
+    base = [torch.zeros(10, 784), torch.zeros(10, dtype=torch.long), torch.ones(3, 784),
+            torch.ones(3, dtype=torch.long)]  # fmt: skip
+    fed, refused, sha = add_feedback(base, 3, 0.3)
+    trained = ~data.held_out(0.3)
+    digits = trained & (data.y >= 0)
+    assert len(fed[0]) == len(fed[1]) == 10 + 3 * digits.sum()
+    assert fed[2] is base[2] and fed[3] is base[3]  # validation untouched
+    assert len(refused) == (trained & (data.y < 0)).sum()
+    held_images = {r.tobytes() for r in data.x[data.held_out(0.3)]}
+    seen = (fed[0][10:] * 255).round().to(torch.uint8).numpy()
+    assert not held_images & {r.tobytes() for r in seen}  # never trained on
+    assert len(sha) == 64
+
+
+def test_no_feedback_leaves_a_report_of_its_own_and_logs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = stage.record_feedback(None, "", 0.3)  # no store touched: nothing to log
+    assert summary == {"examples": 0, "holdout_size": 0, "accuracy": None}
+    assert json.loads(stage.FEEDBACK_REPORT.read_text()) == summary
+    assert not (tmp_path / "reports" / "metrics.json").exists()
+    write(feedback_set(3), stage.FEEDBACK_DATA)
+    assert len(stage.load_feedback()) == 3
+    stage.FEEDBACK_DATA.write_bytes(b"not a zip")
+    with pytest.raises(stage.FeedbackDataError, match="not a feedback set"):
+        stage.load_feedback()
+
+
+def test_the_committed_feedback_set_is_an_empty_export(tmp_path):
+    from helpers import ROOT
+
+    committed = ROOT / stage.FEEDBACK_DATA
+    assert len(stage.load_feedback(committed)) == 0
+    n, changed = review.export([], tmp_path / "examples.npz")
+    assert (n, changed) == (0, True)
+    assert (tmp_path / "examples.npz").read_bytes() == committed.read_bytes()
+
+
+def _perturbed(weights, out, seed: int = 0) -> None:
+    """The weights with strong noise: a model much worse than the one it came from."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(weights), "numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    rng = np.random.default_rng(seed)
+    noisy = {k: (v + rng.normal(0, 3 * v.std() + 1e-3, v.shape)).astype(v.dtype)
+             for k, v in tensors.items()}  # fmt: skip
+    save_file(noisy, str(out), metadata=meta)
+
+
+@pytest.mark.slow
+def test_on_a_real_champion_reference_gate_and_monitor(champion, tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from digits.cli import main
+    from digits.data.preprocess import read_pair, split
+    from digits.monitor import gatecheck
+    from digits.serve import predlog
+    from digits.tracking.store import open_store
+    from helpers import ROOT, mnist_dir
+
+    uri, name, version = champion["tracking_uri"], "mnist-mlp", champion["version"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    x, y = read_pair(mnist_dir(), "train")
+    _, val_x, _, _ = split(x, y, 5000, 42)
+    (tmp_path / "data" / "processed").mkdir(parents=True)
+    np.savez(tmp_path / "data/processed/train.npz", val_x=val_x)
+    (tmp_path / "models").mkdir()
+    shutil.copy(champion["weights"], tmp_path / "models/model.safetensors")
+    client = MlflowClient(uri, uri)
+    run_id = client.get_model_version(name, version).run_id
+    ref = stage.record_reference(open_store("tests", uri), run_id)
+    assert ref["pieces"] == 5000 and reference.FILE.read_text() == reference.dumps(ref)
+
+    # the gate: no hold-out, no check; the champion against itself passes; a worse model fails
+    assert gatecheck.check(name, version, 0.05, 0.3) is None
+    tx, _ = read_pair(mnist_dir(), "t10k")
+    said = champion["classifier"].answers(tx[:600].reshape(-1, 784) / np.float32(255))
+    right = said.digit >= 0
+    import hashlib
+
+    sha = np.array([hashlib.sha256(r.tobytes()).hexdigest() for r in tx[:600]], "U64")
+    order = np.argsort(sha)
+    labelled = stage.FeedbackSet(tx[:600].reshape(-1, 784)[order], said.digit[order], sha[order])
+    write(labelled.part(right[order]), stage.FEEDBACK_DATA)
+    same = gatecheck.check(name, version, 0.05, 0.3)
+    assert same is not None and same.passed and "b = 0, c = 0" in same.note
+    _perturbed(champion["weights"], tmp_path / "models/model.safetensors")
+    worse = gatecheck.check(name, version, 0.05, 0.3)
+    assert worse is not None and not worse.passed, worse
+
+    # digits monitor: the reference from the version's run; its run linked to the version
+    eng = predlog.engine(f"sqlite:///{tmp_path / 'predictions.db'}")
+    predlog.create(eng)
+    model = {"name": name, "version": version, "uri": f"models:/{name}@champion"}
+    now = predlog.now()
+    # drawn from the whole test set: its halves are two populations of writers
+    shown = tx.reshape(-1, 784)[np.random.default_rng(0).choice(len(tx), 400, replace=False)]
+    ans = champion["classifier"].answers(shown / np.float32(255))
+    entries = []
+    for img, d, c in zip(shown, ans.digit.tolist(), ans.confidence.tolist(), strict=True):
+        one = {"digit": None if d < 0 else d, "guess": d % 10, "confidence": c}
+        record = {**one, "reading": "", "number": None, "digits": [one]}
+        entries.append(predlog.Entry(predlog.new_id(), now, "app", model, record, img.tobytes()))
+    predlog.write(eng, entries)
+    code = main(["monitor", "--params", str(ROOT / "params.yaml"), "--json",
+                 "--log-db", str(tmp_path / "predictions.db"),
+                 "--report", str(tmp_path / "m.html")])  # fmt: skip
+    said = capsys.readouterr()
+    assert said.out.startswith("{"), said.err
+    summary = json.loads(said.out)
+    assert code == 0 and summary["alert"] is False, summary["reasons"]
+    assert summary["window"]["pieces"] == 400
+    assert summary["model"] == {"name": name, "version": version}
+    run = client.get_run(summary["mlflow_run"])
+    assert run.data.tags["registered_model"] == name and run.data.tags["model_version"] == version
+    assert run.data.metrics["window/pieces"] == 400
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert files == {"summary.json", "m.html"}
+    tags = client.get_model_version(name, version).tags
+    assert tags["monitor.last_run"] == run.info.run_id and tags["monitor.last_alert"] == "false"
