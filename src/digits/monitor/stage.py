@@ -99,7 +99,9 @@ def record_feedback(store, run_id: str, share: float) -> dict:
 
     data = load_feedback()
     held = data.held_out(share)
-    correct = holdout_correct(Classifier.from_file(MODEL), data.part(held)) if held.any() else []
+    correct = np.zeros(0, bool)
+    if held.any():  # no model loaded for nothing
+        correct = holdout_correct(Classifier.from_file(MODEL), data.part(held))
     summary = {
         "examples": len(data),
         "holdout_size": int(held.sum()),
