@@ -4,6 +4,7 @@ digits, the smallest shift it catches for three kinds of shift, and how long it 
 
     python benchmarks/monitor_power.py                        # models/model.safetensors
     python benchmarks/monitor_power.py --model path --data data/processed --windows 500
+    python benchmarks/monitor_power.py --postgres --timing-only   # + a local PostgreSQL log
 
 The reference is the model's, on the validation split (as the evaluate stage makes it). Clean
 windows are `--size` test digits drawn at random (the test set mixes MNIST's two populations of
@@ -64,6 +65,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=500, help="clean windows")
     ap.add_argument("--trials", type=int, default=50, help="windows per shift and share")
     ap.add_argument("--rows", type=int, default=100_000, help="log rows for the timing")
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="time a local PostgreSQL cluster's log too (digits.team.server)",
+    )
+    ap.add_argument("--timing-only", action="store_true", help="skip the windows")
     args = ap.parse_args()
     settings = load_params(ROOT / "params.yaml").monitor
     model = Classifier.from_file(args.model)
@@ -72,6 +79,21 @@ def main() -> None:
     with np.load(Path(args.data, "test.npz")) as f:
         test, labels = f["test_x"].reshape(-1, 784), f["test_y"]
     ref = reference.of_classifier(model, val)
+    with tempfile.TemporaryDirectory() as tmp:
+        timing(model, ref, test, args.rows, settings, f"sqlite:///{tmp}/predictions.db")
+    if args.postgres:
+        import os
+
+        from digits.team.server import LocalPostgres
+
+        pg = LocalPostgres().start()
+        try:
+            os.environ.update(pg.env)
+            timing(model, ref, test, args.rows, settings, pg.create_database("predictions"))
+        finally:
+            pg.stop()
+    if args.timing_only:
+        return
     rng = np.random.default_rng(0)
     clean = (test, *answered(model, test))
 
@@ -107,42 +129,41 @@ def main() -> None:
         table = ", ".join(f"{s:g}: {r:.2f}" for s, r in zip(SHARES, rates, strict=True))
         print(f"{kind}: detection by share replaced {{{table}}}; smallest >= 90%: {caught}")
 
-    timing(model, ref, test, args.rows, settings)
 
-
-def timing(model, ref, test, rows: int, settings) -> None:
-    """`rows` one-digit answers in a SQLite log (the service's writer), then the window read
-    and every check, timed as `digits monitor` runs them."""
+def timing(model, ref, test, rows: int, settings, url: str) -> None:
+    """`rows` one-digit answers in the log at `url` (the service's writer), then the window
+    read and every check, timed as `digits monitor` runs them."""
     from digits.serve import predlog
 
     d, c = answered(model, test)
     now = predlog.now()
-    with tempfile.TemporaryDirectory() as tmp:
-        eng = predlog.engine(f"sqlite:///{tmp}/predictions.db")
-        predlog.create(eng)
-        batch = []
-        for i in range(rows):
-            j = i % len(test)
-            digit = None if d[j] < 0 else int(d[j])
-            said = {"box": [0, 0, 28, 28], "digit": digit, "guess": int(d[j]) % 10,
-                    "confidence": float(c[j]), "probabilities": [0.1] * 10}  # fmt: skip
-            record = {"digit": digit, "guess": said["guess"], "confidence": float(c[j]),
-                      "reading": str(digit), "number": None, "digits": [said]}  # fmt: skip
-            model_id = {"name": "mnist-mlp", "version": "1", "uri": "models:/mnist-mlp@champion"}
-            at = now - dt.timedelta(seconds=(rows - i) / 2)  # all within the day
-            batch.append(predlog.Entry(predlog.new_id(), at, "app", model_id, record,
-                                       test[j].tobytes()))  # fmt: skip
-            if len(batch) == 5000:
-                predlog.write(eng, batch)
-                batch = []
-        if batch:
+    eng = predlog.engine(url)
+    predlog.create(eng)
+    batch = []
+    for i in range(rows):
+        j = i % len(test)
+        digit = None if d[j] < 0 else int(d[j])
+        said = {"box": [0, 0, 28, 28], "digit": digit, "guess": int(d[j]) % 10,
+                "confidence": float(c[j]), "probabilities": [0.1] * 10}  # fmt: skip
+        record = {"digit": digit, "guess": said["guess"], "confidence": float(c[j]),
+                  "reading": str(digit), "number": None, "digits": [said]}  # fmt: skip
+        model_id = {"name": "mnist-mlp", "version": "1", "uri": "models:/mnist-mlp@champion"}
+        at = now - dt.timedelta(seconds=(rows - i) / 2)  # all within the day
+        batch.append(predlog.Entry(predlog.new_id(), at, "app", model_id, record,
+                                   test[j].tobytes()))  # fmt: skip
+        if len(batch) == 5000:
             predlog.write(eng, batch)
-        t0 = time.perf_counter()
-        win = window.read(eng, "mnist-mlp", "1", now - dt.timedelta(days=1), now)
-        t1 = time.perf_counter()
-        drift.compare(ref, win.digit, win.confidence, win.pixels, settings)
-        t2 = time.perf_counter()
-    print(f"{win.answers} logged answers on SQLite: read {t1 - t0:.2f} s, checks {t2 - t1:.2f} s, "
+            batch = []
+    if batch:
+        predlog.write(eng, batch)
+    t0 = time.perf_counter()
+    win = window.read(eng, "mnist-mlp", "1", now - dt.timedelta(days=1), now)
+    t1 = time.perf_counter()
+    drift.compare(ref, win.digit, win.confidence, win.pixels, settings)
+    t2 = time.perf_counter()
+    eng.dispose()
+    where = url.split(":")[0]
+    print(f"{win.answers} logged answers on {where}: read {t1 - t0:.2f} s, checks {t2 - t1:.2f} s, "
           f"total {t2 - t0:.2f} s")  # fmt: skip
 
 
