@@ -173,3 +173,14 @@ def test_on_a_real_champion_reference_gate_and_monitor(champion, tmp_path, monke
     assert files == {"summary.json", "m.html"}
     tags = client.get_model_version(name, version).tags
     assert tags["monitor.last_run"] == run.info.run_id and tags["monitor.last_alert"] == "false"
+
+
+def test_the_feedback_check_is_relative_and_stays_out_of_gate_json():
+    """reports/gate.json is the same bytes in every store: the check against a store's
+    champion is in the report, not in it."""
+    from digits.gate.policy import Check
+    from digits.gate.report import verdict_json
+    from digits.monitor import gatecheck
+
+    check = Check(gate=gatecheck.GATE, metric="p", value=0.001, threshold=0.05, op=">=")
+    assert json.loads(verdict_json([check])) == {"passed": True, "gates": {}}

@@ -165,8 +165,10 @@ RULES: tuple[Rule, ...] = (
          note=lambda r: f"mean over {len(r.corruptions)} corruptions: {r.mean:.4f}"),
 )  # fmt: skip
 
+# the check on the feedback hold-out against @champion (digits.monitor.gatecheck adds it)
+FEEDBACK_GATE = "feedback_not_worse_than_champion"
 # the checks that compare with other versions of this store (@champion, the high-water mark)
-RELATIVE = frozenset(r.gate for r in RULES if r.reads in RELATIVE_SECTIONS)
+RELATIVE = frozenset(r.gate for r in RULES if r.reads in RELATIVE_SECTIONS) | {FEEDBACK_GATE}
 
 
 def suites(gates: GateParams, outliers_per_kind: int) -> Suites:

@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from digits.gate.policy import Check, Outcome, decide, mcnemar_p
+from digits.gate.policy import FEEDBACK_GATE, Check, Outcome, decide, mcnemar_p
 from digits.monitor.stage import FeedbackSet, holdout_correct, load_feedback
 
-GATE = "feedback_not_worse_than_champion"
+GATE = FEEDBACK_GATE  # relative: not in reports/gate.json (its champion differs per store)
 
 
 def _correct(model, data: FeedbackSet) -> np.ndarray:
