@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "sweep.yaml", "pipeline", "src", ".dvcignore", "plots"]
+# feedback/: the approved corrections (digits feedback export), a committed pipeline dependency
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "sweep.yaml", "pipeline", "src", ".dvcignore", "plots",
+                 "feedback"]  # fmt: skip
 
 
 def mnist_candidates(root: Path = ROOT) -> list[Path]:
