@@ -234,3 +234,6 @@ def test_the_command_exits_1_on_an_alert_and_writes_its_report(tmp_path, mnist, 
     assert "ALERT" in page and "data:image/png;base64," in page
     assert main([*base, "--log-db", url, "--since", "last week"]) == 1
     assert "--since 'last week'" in capsys.readouterr().err
+    assert main([*base, "--log-db", str(tmp_path / "none.db")]) == 1
+    assert "no prediction log at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()

@@ -36,8 +36,16 @@ class ReviewError(DigitsError):
 
 
 def engine(url: str):
+    """An engine on the log; a SQLite file that is not there is an error (opening it would
+    create an empty one)."""
     from sqlalchemy import create_engine
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise ReviewError(
+            f"no prediction log at {url[len('sqlite:///') :]} (digits app and digits predict "
+            "write it); --log-db names another"
+        )
 
     try:
         return create_engine(url, connect_args={"timeout": 10} if url.startswith("sqlite") else {})
