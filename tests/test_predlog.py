@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from digits.monitor import logdb
 from digits.serve import predlog
 
 MODEL = {"name": "mnist-mlp", "version": "3", "uri": "models:/mnist-mlp@champion"}
@@ -112,11 +113,21 @@ def test_the_writer_prunes_what_is_past_retention(tmp_path):
 
 
 def test_urls_and_a_bad_one(tmp_path):
-    assert predlog.normalise("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
-    assert predlog.normalise(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path / 'x.db'}"
-    assert predlog.default_url(f"sqlite:///{tmp_path / 'mlflow.db'}") == (
+    assert logdb.normalise("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert logdb.normalise(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path / 'x.db'}"
+    assert logdb.default_url(f"sqlite:///{tmp_path / 'mlflow.db'}") == (
         f"sqlite:///{tmp_path / 'predictions.db'}"
     )
+    with pytest.MonkeyPatch.context() as env:  # a tracking server's user: never the cwd
+        env.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+        env.delenv("DIGITS_PREDICTION_LOG", raising=False)
+        assert logdb.default_url("http://127.0.0.1:5000") == (
+            f"sqlite:///{tmp_path / 'data' / 'digits' / 'predictions.db'}"
+        )
+        env.setenv("DIGITS_PREDICTION_LOG", "postgresql://team@db/predictions")
+        assert logdb.default_url("http://127.0.0.1:5000") == (
+            "postgresql+psycopg://team@db/predictions"
+        )
     with pytest.raises(predlog.LogError, match=r"^--log-db nosuch://u:\*\*\*@h/db: not a database"):
         predlog.engine("nosuch://u:secret@h/db")
 

@@ -188,15 +188,17 @@ def test_an_unloadable_version_leaves_the_old_one_serving(champion, pictures, tm
                 assert status == 200 and answer["model"]["version"] == v1
             assert f"moved to version {version}, which cannot be loaded" in app.text()
 
+        # a champion deleted while it serves: its alias goes with it, and the workers keep it
         reg.promote(deleted, "--reason", "then deleted")
-        reg.client.delete_model_version(NAME, deleted)  # its alias goes with it
+        wait_for(f"both workers on {deleted}", lambda: app.versions() == {deleted}, log=app.text)
+        reg.client.delete_model_version(NAME, deleted)
         wait_for(
             "the workers saying the alias names nothing",
             lambda: all("names no version" in (w["problem"] or "") for w in app.workers_seen()),
             log=app.text,
         )
         status, answer = request(app.url + "predict", body, "image/png")
-        assert status == 200 and answer["model"]["version"] == v1
+        assert status == 200 and answer["model"]["version"] == deleted
         # and once the alias names a version that loads, the workers take it and are well
         reg.promote(v1, "--reason", "back to the good one")
         wait_for("the problem gone", lambda: app.health()["status"] == "ok", log=app.text)

@@ -164,6 +164,19 @@ XDG_CACHE_HOME: Var[str | None] = Var(
     None,
     "Where downloaded models are kept (digits/models under it); unset: ~/.cache.",
 )
+DIGITS_PREDICTION_LOG: Var[str | None] = Var(
+    "DIGITS_PREDICTION_LOG",
+    None,
+    "The prediction log when `--log-db` names none: a SQLAlchemy URL (the team's PostgreSQL,"
+    " so every replica logs to one place) or a SQLite file; unset: predictions.db beside a"
+    " SQLite store, else $XDG_DATA_HOME/digits/predictions.db.",
+)
+XDG_DATA_HOME: Var[str | None] = Var(
+    "XDG_DATA_HOME",
+    None,
+    "Where the prediction log of a tracking server's user goes (digits/ under it) when neither"
+    " --log-db nor DIGITS_PREDICTION_LOG names one; unset: ~/.local/share.",
+)
 
 # every variable above, by concern (docs/settings.md has a section for each)
 GROUPS: dict[str, tuple[Var, ...]] = {
@@ -180,7 +193,7 @@ GROUPS: dict[str, tuple[Var, ...]] = {
         MLFLOW_WORKSPACE,
     ),
     "`digits sweep`": (DIGITS_SWEEP_HEARTBEAT, DIGITS_SWEEP_GRACE, DIGITS_SWEEP),
-    "`digits predict` and `digits app`": (XDG_CACHE_HOME,),
+    "`digits predict` and `digits app`": (XDG_CACHE_HOME, DIGITS_PREDICTION_LOG, XDG_DATA_HOME),
 }
 
 # What the project sets for MLflow's client, which reads these from the environment only: its

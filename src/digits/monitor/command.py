@@ -20,6 +20,7 @@ from pathlib import Path
 
 from digits.core.errors import DigitsError, first_line
 from digits.monitor import drift, reference, window
+from digits.monitor.logdb import log_url
 
 EXPERIMENT_SUFFIX = "-monitor"
 TAG_MONITOR = "digits.monitor"
@@ -27,23 +28,6 @@ TAG_MONITOR = "digits.monitor"
 
 class MonitorError(DigitsError):
     pass
-
-
-def log_url(given: str | None, store: str) -> str:
-    """The prediction log's SQLAlchemy URL: --log-db as given (a URL or a SQLite file), else
-    `predictions.db` beside the store's `mlflow.db`, where `digits app` writes it."""
-    from digits.tracking.store import sqlite_path
-
-    if given:
-        if "://" not in given:
-            return f"sqlite:///{Path(given).expanduser().resolve()}"
-        for plain in ("postgresql://", "postgres://"):
-            if given.startswith(plain):
-                return "postgresql+psycopg://" + given[len(plain) :]
-        return given
-    db = sqlite_path(store)
-    folder = db.resolve().parent if db is not None else Path.cwd()
-    return f"sqlite:///{folder / 'predictions.db'}"
 
 
 def champion(store: str, name: str) -> str:

@@ -15,7 +15,7 @@ EXPORT = Path("feedback/examples.npz")
 
 
 def _items(args):
-    from digits.monitor.command import log_url
+    from digits.monitor.logdb import log_url
     from digits.tracking.store import tracking_uri
 
     return review.engine(log_url(args.log_db, tracking_uri()))

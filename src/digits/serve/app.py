@@ -43,6 +43,7 @@ from digits.core.errors import DigitsError, first_line, redact
 from digits.core.files import atomic_path
 from digits.core.mnist import COLS, ROWS
 from digits.data.imaging import MAX_BYTES, ImageError, read_image
+from digits.monitor import logdb
 from digits.serve import predlog
 from digits.serve.feedback import FEEDBACK_BYTES, parse_feedback, store_feedback
 from digits.serve.predict import champion_uri, read_all, reading_record
@@ -341,7 +342,7 @@ def log_url(args, store: str) -> str | None:
     count what they cannot write, and write again once it answers)."""
     if getattr(args, "no_log", False):
         return None
-    url = predlog.normalise(args.log_db) if args.log_db else predlog.default_url(store)
+    url = logdb.log_url(args.log_db, store)
     eng = predlog.engine(url)
     try:
         predlog.create(eng)

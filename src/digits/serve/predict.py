@@ -228,6 +228,7 @@ def main(args) -> int:
     the prediction log (digits.serve.predlog) unless --no-log: a log that cannot be written is
     one warning line, never a failed command."""
     from digits.core.errors import redact
+    from digits.monitor import logdb
     from digits.serve import predlog
     from digits.tracking.store import tracking_uri
 
@@ -235,7 +236,7 @@ def main(args) -> int:
     url = None
     if not getattr(args, "no_log", False):
         log_db = getattr(args, "log_db", None)
-        url = predlog.normalise(log_db) if log_db else predlog.default_url(store)
+        url = logdb.log_url(log_db, store)
     served = load_served(args.model or champion_uri(), store)
     entries: list[predlog.Entry] = []
     failed = 0

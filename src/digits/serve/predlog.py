@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from digits.core.errors import DigitsError, first_line, redact
 
@@ -56,27 +55,6 @@ def new_id() -> str:
 def now() -> dt.datetime:
     """UTC, without a zone: the same in SQLite's text and PostgreSQL's `timestamp`."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
-def default_url(store: str) -> str:
-    """`predictions.db` beside a SQLite store's database; in the current folder for a tracking
-    server (where --log-db should name the team's database, so that replicas share one log)."""
-    from digits.tracking.store import sqlite_path
-
-    db = sqlite_path(store)
-    folder = db.resolve().parent if db is not None else Path.cwd()
-    return f"sqlite:///{folder / 'predictions.db'}"
-
-
-def normalise(url: str) -> str:
-    """A SQLAlchemy URL for what the user gave: a URL, or a path to a SQLite file;
-    postgresql:// is read with psycopg (v3, the project's driver)."""
-    if "://" not in url:
-        return f"sqlite:///{Path(url).expanduser().resolve()}"
-    for plain in ("postgresql://", "postgres://"):
-        if url.startswith(plain):
-            return "postgresql+psycopg://" + url[len(plain) :]
-    return url
 
 
 def _tables():
