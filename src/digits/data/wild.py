@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from digits.core.errors import DigitsError
 from digits.core.mnist import COLS, ROWS
+from digits.data import outliers
 from digits.data.imaging import BlankImage, preprocess
 from digits.data.outliers import font_dir
 
@@ -181,8 +182,9 @@ def _handwritten(half: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), y
 
 
-def _printed(rng: np.random.Generator, n: int, half: str) -> tuple[np.ndarray, np.ndarray]:
-    fonts = PRINTED_FONTS[half]
+def _printed(
+    rng: np.random.Generator, n: int, fonts: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     labels = np.arange(n, dtype=np.int64) % 10
     images = []
     for label in labels:
@@ -353,7 +355,7 @@ def make(
         x, y = _handwritten(half)
         return WildSet(name, half, x[:n], y[:n])
     if name == "printed":
-        return WildSet(name, half, *_printed(rng, size, half))
+        return WildSet(name, half, *_printed(rng, size, PRINTED_FONTS[half]))
     if name in ("lowres", "pens"):
         if digits is None:
             raise WildError(f"wild set {name!r}: needs MNIST digits (images, labels) to redraw")
@@ -375,3 +377,11 @@ def make_all(
 ) -> dict[str, WildSet]:
     """Every set's `half`: {name: WildSet}."""
     return {name: make(name, half, digits, n) for name in SETS}
+
+
+def printed_for_training(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n typeset digits (labels 0-9 in turn) in the training fonts (digits.data.outliers'
+    DejaVu faces, which no wild set uses), drawn as the `printed` set is: positives a recipe may
+    add to the training digits (benchmarks/wild_recipe.py)."""
+    rng = np.random.default_rng([SEED, len(SETS), seed])  # no set's stream
+    return _printed(rng, n, outliers.TRAIN_FONTS)

@@ -22,6 +22,14 @@ def score(probs: np.ndarray) -> np.ndarray:
     return np.asarray(probs).max(axis=1)
 
 
+def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The negative free energy, T * logsumexp(logits / T) (Liu et al. 2020): a digit score
+    that keeps the logits' scale, which the softmax throws away. Higher: more a digit."""
+    z = np.asarray(logits, np.float64) / temperature
+    top = z.max(axis=1)
+    return temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+
 def threshold_for(val_scores: np.ndarray, refuse_share: float) -> float:
     """The score below which `refuse_share` of the validation digits fall (rounded down to 6
     digits, so that the stored threshold refuses no more than that)."""
