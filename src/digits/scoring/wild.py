@@ -12,17 +12,66 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from digits.core.errors import DigitsError
 from digits.core.files import write_text
 
 if TYPE_CHECKING:
     from digits.model.inference import Classifier
 
 WILD_METRICS = Path("reports/wild.json")
+
+
+class WildReportError(DigitsError):
+    """reports/wild.json missing or not what evaluate writes, while a gate needs it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WildFigures:
+    """What the gate reads of reports/wild.json (digits.gate.policy's `wild` section)."""
+
+    worst_read: float  # the digit set read right least
+    worst_read_set: str
+    worst_refused: float  # the digit set refused most
+    worst_refused_set: str
+    digits_read: float  # all wild digits pooled
+    non_digits_refused: float
+    non_digits: int
+    auroc: float
+
+    @classmethod
+    def from_dict(cls, m: dict) -> WildFigures:
+        d, n = m["digits"], m["non_digits"]
+        sets = d["sets"]
+        return cls(
+            worst_read=d["worst_read"],
+            worst_read_set=min(sets, key=lambda k: sets[k]["read"]),
+            worst_refused=d["worst_refused"],
+            worst_refused_set=max(sets, key=lambda k: sets[k]["refused"]),
+            digits_read=d["read"],
+            non_digits_refused=n["refused"],
+            non_digits=n["images"],
+            auroc=m["auroc"],
+        )
+
+
+def read(path: Path = WILD_METRICS) -> WildFigures:
+    """The gate's view of the figures evaluate wrote for this model file."""
+    try:
+        return WildFigures.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise WildReportError(
+            f"{path}: not found; the evaluate stage writes it (dvc repro evaluate)"
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise WildReportError(
+            f"{path}: not the figures evaluate writes ({type(e).__name__}: {e})"
+        ) from None
 
 
 def measure(classifier: Classifier, test: tuple[np.ndarray, np.ndarray]) -> dict:
@@ -66,9 +115,13 @@ def log(store: Any, run_id: str, m: dict) -> None:
         client.log_batch(run_id, metrics=rows)
 
 
-def run(store: Any, run_id: str, classifier: Classifier, test: tuple[np.ndarray, np.ndarray]):
-    """The evaluate stage's one call: measure, write reports/wild.json, log to the run."""
-    m = measure(classifier, test)
+def run(store: Any, run_id: str, test: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The evaluate stage's one call: the model file measured on the report halves,
+    reports/wild.json written, the figures logged into the run."""
+    from digits.core.files import MODEL
+    from digits.model.inference import Classifier
+
+    m = measure(Classifier.from_file(MODEL), test)
     write(m)
     log(store, run_id, m)
     d, n = m["digits"], m["non_digits"]
