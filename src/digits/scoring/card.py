@@ -38,7 +38,7 @@ MNIST_SHA256 = {
     )
 }
 CARD_MARK = "<!-- digits model card -->"  # where the card starts in a version's description
-DESCRIPTION_LIMIT = 4500  # MLflow keeps 5,000 characters of a version's description (SQL stores)
+DESCRIPTION_LIMIT = 4900  # a version's description in MLflow's SQL stores: 5,000 at most
 
 
 def _pct(v: float) -> str:
@@ -294,17 +294,20 @@ def make(params: Params, checks: Sequence[Any], *, branch: str) -> str:
     return text
 
 
-def short(card: str) -> str:
-    """The card's gist for a version's description: without the YAML front matter, the data's
-    hashes, the per-corruption and per-kind tables and the gate table (all in the artifact),
-    and cut to fit."""
+def short(card: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The card's gist for a version's description, at most `limit` characters: without the
+    YAML front matter, the data's hashes, the per-digit, per-corruption and per-kind figures,
+    the sources and the gate table (all in the artifact); then cut at a line if still long."""
     body = card.split("\n---\n", 1)[1] if card.startswith("---\n") else card
-    dropped = ("## Training data", "### The corruption", "### The outlier", "## How it is gated")
+    dropped = ("## Training data", "### The corruption", "### The outlier", "## How it was gated")
     parts = [p for p in re.split(r"\n(?=#{2,3} )", body) if not p.lstrip().startswith(dropped)]
-    text = "\n".join(parts).strip()
-    if len(text) > DESCRIPTION_LIMIT:
-        text = text[:DESCRIPTION_LIMIT].rsplit("\n", 1)[0]
-    return text + "\n\nThe whole card: the artifact `model_card.md` of the run that registered it."
+    paragraphs = "\n".join(parts).strip().split("\n\n")
+    kept = [p for p in paragraphs if not p.startswith(("Recall per digit", "AUROC of telling"))]
+    text = "\n\n".join(kept)
+    tail = "\n\nThe whole card: the artifact `model_card.md` of the run that registered it."
+    if len(text) + len(tail) > limit:
+        text = text[: max(0, limit - len(tail))].rsplit("\n", 1)[0]
+    return text + tail
 
 
 def attach(store: Any, name: str, version: str, run_id: str, path: Path = MODEL_CARD) -> None:
@@ -315,5 +318,6 @@ def attach(store: Any, name: str, version: str, run_id: str, path: Path = MODEL_
         client.log_artifact(run_id, str(path))
         current = client.get_model_version(name, version).description or ""
         head = current.split(CARD_MARK, 1)[0].strip()
-        body = f"{CARD_MARK}\n\n{short(text)}"
+        room = DESCRIPTION_LIMIT - len(head) - len(CARD_MARK) - 4
+        body = f"{CARD_MARK}\n\n{short(text, room)}"
         client.update_model_version(name, version, f"{head}\n\n{body}" if head else body)
