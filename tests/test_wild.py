@@ -4,6 +4,8 @@ hand computation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fontTools.ttLib import TTFont
@@ -94,3 +96,64 @@ def test_measure_wild_against_a_hand_computation():
     assert m["non_digits"]["refused"] == 0.5 == m["non_digits"]["worst_refused"]
     # digit scores 0.9 0.9 0.3 0.8 0.7 against 0.2 0.4 0.6 0.95: 3 + 3 + 1 + 3 + 3 of 20 pairs
     assert m["auroc"] == 0.65
+
+
+def _figures() -> dict:
+    digits = {"printed": (_probs([1, 2, 3, 4], [0.9, 0.9, 0.3, 0.9]), np.array([1, 2, 3, 5]))}
+    digits["pens"] = (_probs([1, 2], [0.9, 0.9]), np.array([1, 2]))
+    return ood.measure_wild(digits, {"shapes": _probs([0, 0], [0.2, 0.9])}, 0.5)
+
+
+def test_the_gate_judges_the_worst_wild_set_only_when_asked(tmp_path):
+    import json
+
+    from digits.core.config import GateParams
+    from digits.core.metrics import Evaluation
+    from digits.gate import governance, policy
+    from digits.scoring import cache
+    from digits.scoring import wild as scoring
+
+    path = tmp_path / "wild.json"
+    scoring.write(_figures(), path)
+    figures = scoring.read(path)
+    assert (figures.worst_read, figures.worst_read_set) == (0.5, "printed")
+    assert (figures.worst_refused, figures.worst_refused_set) == (0.25, "printed")
+    root = Path(__file__).resolve().parents[1]
+    ev = Evaluation.from_dict(json.loads((root / "reports/metrics.json").read_text()))
+    new = cache.Score(version="1", evaluation=ev, correct=np.ones(10, bool), model_sha256="m")
+
+    off = GateParams()  # the wild gates are off by default: nothing read, nothing judged
+    assert not policy.reads_wild(off)
+    assert not {c.gate for c in policy.checks(off, new, comparison=None, high=None)} & {
+        "min_wild_read"
+    }
+    on = GateParams(min_wild_read=0.6, max_wild_refused=0.3, min_wild_refused_non_digits=0.5)
+    assert policy.reads_wild(on)
+    by_gate = {c.gate: c for c in policy.checks(on, new, comparison=None, high=None, wild=figures)}
+    assert not by_gate["min_wild_read"].passed  # printed: half read right
+    assert by_gate["min_wild_read"].metric == "printed digits read right (worst set)"
+    assert by_gate["max_wild_refused"].passed and by_gate["min_wild_refused_non_digits"].passed
+    with pytest.raises(ValueError, match="min_wild_read is on but the score has no wild"):
+        policy.checks(on, new, comparison=None, high=None)
+    assert {"min_wild_read", "max_wild_refused", "min_wild_refused_non_digits"} <= set(
+        governance.STRICTER
+    )
+
+
+def test_a_missing_or_foreign_wild_report_is_one_line(tmp_path):
+    from digits.scoring import wild as scoring
+
+    with pytest.raises(scoring.WildReportError, match="not found; the evaluate stage writes it"):
+        scoring.read(tmp_path / "wild.json")
+    (tmp_path / "wild.json").write_text('{"digits": {}}')
+    with pytest.raises(scoring.WildReportError, match="not the figures evaluate writes"):
+        scoring.read(tmp_path / "wild.json")
+
+
+def test_mlflow_names_of_the_figures():
+    from digits.scoring.wild import flat as mlflow_names
+
+    flat = mlflow_names(_figures())
+    assert flat["wild/printed/read"] == 0.5 and flat["wild/shapes/refused"] == 0.5
+    assert flat["wild/digits/worst_read"] == 0.5 and "wild/auroc" in flat
+    assert all(isinstance(v, float) for v in flat.values())
