@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES: dict[str, tuple[dict, int, int]] = {
     "printed": ({}, 4000, 0),  # DejaVu digits (training fonts only) among the training digits
     "printed-lowres": ({}, 4000, 6000),  # and training digits scanned coarse and blown up
+    # and the non-digits' loss weighted as much as the digits'
+    "printed-lowres-oe-1": ({"outliers": {"weight": 1.0}}, 4000, 6000),
 }
 WILD_REFUSE = 0.05  # `sources`: the wild validation digits, pooled, refuse at most this share
 
@@ -121,7 +123,10 @@ def main() -> int:
 
     for name in args.train:
         over, n_printed, n_lowres = CANDIDATES[name]
-        params = parse_params({**base, "train": {**base["train"], **over}})
+        train_over = {
+            k: {**base["train"][k], **v} if isinstance(v, dict) else v for k, v in over.items()
+        }
+        params = parse_params({**base, "train": {**base["train"], **train_over}})
         p = params.train
         x, y = data[0], data[1]
         extra_x, extra_y = [x], [y]
