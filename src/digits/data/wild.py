@@ -7,8 +7,8 @@ Digits (labelled), and where each half comes from:
 
 | set | what it is |
 | --- | --- |
-| `handwritten` | another dataset's handwriting: the UCI optdigits that scikit-learn ships (43 |
-| | writers, 8x8 at 17 grey levels), scanned at low resolution and shown large; validation: |
+| `handwritten` | another dataset's handwriting: the UCI optdigits test set that scikit-learn |
+| | ships (13 writers, 8x8 at 17 grey levels), shown large; validation: |
 | | its first 898, report: the other 899 |
 | `printed` | a digit typeset in a font training never draws (no DejaVu); validation: STIX |
 | | regular and bold italic, Computer Modern roman, typewriter and bold; report: STIX bold |
@@ -171,7 +171,7 @@ def _from_ink(ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 def _handwritten(half: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = _optdigits()
-    cut = len(x) // 2  # the first half by order (writers come in runs), the rest to report
+    cut = len(x) // 2  # two blocks in file order (not alternate images): the first validates
     x, y = (x[:cut], y[:cut]) if half == "validation" else (x[cut:], y[cut:])
     images = []
     for ink in x:  # 8x8 shown large: the grid smoothed to 64x64, then as a user's picture
