@@ -66,10 +66,10 @@ def main() -> int:
         half = len(val_y) // 2
         t_half = calibration.fit_temperature(val_logits[:half], val_y[:half])
         val_ece = calibration.ece(calibrated(val_logits[half:], t_half), val_y[half:])
-        val_worst = corruption_accuracies(probs, val_x, val_y)["worst"]
+        val_worst = corruption_accuracies(probs, val_x, val_y).worst
         test_logits = logits_fn(test_x)
         test_probs = calibrated(test_logits, temperature)
-        test_worst = corruption_accuracies(probs, test_x, test_y)["worst"]
+        test_worst = corruption_accuracies(probs, test_x, test_y).worst
         print(
             f"\n## {name}\n\nvalidation: accuracy {(val_probs.argmax(1) == val_y).mean():.4f}, "
             f"worst corruption {val_worst:.4f}, ECE {val_ece:.4f}; test (report only): accuracy "
