@@ -75,6 +75,7 @@ def test_every_figure_of_evaluate_and_every_hash_is_in_it(figures):
     for heading in ("## Intended use", "## Known limits", "## Outside MNIST", "## How it was"):
         assert heading in text
     assert "75.00%" in text and "25.00%" in text  # printed: 3 of 4 read, 1 misread
+    assert "(printed digits most of all: 75.00% read right)" in text
 
 
 def test_the_same_inputs_give_the_same_bytes_and_no_clock(figures):

@@ -127,6 +127,7 @@ def render(
     front = yaml.safe_dump(metadata(params, ev, wild), sort_keys=False, allow_unicode=True)
     sizes = "-".join(str(s) for s in (784, *t.hidden_sizes, 10))
     worst_name, worst = ev.robustness.worst_corruption()
+    worst_set = min(wild["digits"]["sets"], key=lambda k: wild["digits"]["sets"][k]["read"])
     out = [
         f"---\n{front}---",
         f"# {params.mlflow.registered_model}: handwritten digits, and when it is not a digit",
@@ -149,7 +150,8 @@ def render(
                 "- Colour is thrown away (grayscale); coloured ink on coloured paper, or light ink "
                 "on dark paper with a light border, may invert or vanish.",
                 "- Digits outside MNIST's look are read less well than MNIST's own: see "
-                '"Outside MNIST" (typeset digits and coarse scans most of all).',
+                f'"Outside MNIST" ({worst_set} digits most of all: '
+                f"{_pct(wild['digits']['sets'][worst_set]['read'])} read right).",
                 "- Refusal is not a guarantee: some shapes, signs and photo crops are read as "
                 "digits, with a calibrated probability that is meaningful only for MNIST-like "
                 "digits.",
