@@ -201,6 +201,9 @@ SHORT_RUN_GATES = {
     "gates.max_ece": 1.0,
     "gates.max_ood_fpr95": 1.0,
     "gates.max_refused_digits": 1.0,
+    "gates.min_wild_read": 0.0,
+    "gates.max_wild_refused": 1.0,
+    "gates.min_wild_refused_non_digits": 0.0,
 }
 
 

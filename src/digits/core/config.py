@@ -133,6 +133,11 @@ class GateParams(_Strict):
     # and the share of test digits the model's threshold refuses; 1 = off
     max_ood_fpr95: float = Field(1.0, gt=0, le=1)
     max_refused_digits: float = Field(1.0, gt=0, le=1)
+    # outside MNIST (digits.data.wild's report halves, reports/wild.json): the worst digit set's
+    # share read right (0 = off) and refused (1 = off), the non-digits' share refused (0 = off)
+    min_wild_read: float = Field(0.0, ge=0, le=1)
+    max_wild_refused: float = Field(1.0, gt=0, le=1)
+    min_wild_refused_non_digits: float = Field(0.0, ge=0, le=1)
     alpha: float = Field(0.05, gt=0, lt=1)  # McNemar's one-sided test vs the champion
     # Only a clean pipeline run of this branch moves @champion, and the gate judges by the gates
     # committed on it. Read from HEAD's committed params.yaml, so `-S` cannot redirect it.

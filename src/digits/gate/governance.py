@@ -126,6 +126,9 @@ STRICTER = {
     "max_ece": min,
     "max_ood_fpr95": min,
     "max_refused_digits": min,
+    "min_wild_read": max,
+    "max_wild_refused": min,
+    "min_wild_refused_non_digits": max,
     "alpha": max,  # passes when p >= alpha: a larger alpha rejects more
 }
 

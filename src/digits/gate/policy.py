@@ -26,6 +26,7 @@ from digits.core.config import GateParams
 from digits.gate.governance import Context
 from digits.scoring.cache import Score
 from digits.scoring.scorer import Suites
+from digits.scoring.wild import WildFigures
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,12 +164,26 @@ RULES: tuple[Rule, ...] = (
          switchable=True,
          metric=lambda r: f"accuracy under {r.worst_corruption()[0]} (worst corruption)",
          note=lambda r: f"mean over {len(r.corruptions)} corruptions: {r.mean:.4f}"),
+    # outside MNIST (digits.scoring.wild, reports/wild.json)
+    Rule(gate="min_wild_read", reads="wild", value=attrgetter("worst_read"), op=">=",
+         switchable=True, metric=lambda w: f"{w.worst_read_set} digits read right (worst set)",
+         note=lambda w: f"all wild digits: {w.digits_read:.4f}"),
+    Rule(gate="max_wild_refused", reads="wild", value=attrgetter("worst_refused"), op="<=",
+         switchable=True, metric=lambda w: f"{w.worst_refused_set} digits refused (worst set)"),
+    Rule(gate="min_wild_refused_non_digits", reads="wild", value=attrgetter("non_digits_refused"),
+         op=">=", switchable=True, metric="wild non-digits refused",
+         note=lambda w: f"AUROC {w.auroc:.4f} over {w.non_digits} non-digits"),
 )  # fmt: skip
 
 # the check on the feedback hold-out against @champion (digits.monitor.gatecheck adds it)
 FEEDBACK_GATE = "feedback_not_worse_than_champion"
 # the checks that compare with other versions of this store (@champion, the high-water mark)
 RELATIVE = frozenset(r.gate for r in RULES if r.reads in RELATIVE_SECTIONS) | {FEEDBACK_GATE}
+
+
+def reads_wild(gates: GateParams) -> bool:
+    """Whether a gate on reads the out-of-MNIST figures (reports/wild.json)."""
+    return any(r.reads == "wild" and r.on(gates) for r in RULES)
 
 
 def suites(gates: GateParams, outliers_per_kind: int) -> Suites:
@@ -183,16 +198,23 @@ def suites(gates: GateParams, outliers_per_kind: int) -> Suites:
 
 
 def checks(
-    gates: GateParams, new: Score, *, comparison: Comparison | None, high: Score | None
+    gates: GateParams,
+    new: Score,
+    *,
+    comparison: Comparison | None,
+    high: Score | None,
+    wild: WildFigures | None = None,
 ) -> list[Check]:
     """The gates on, in report order. A section a gate on reads must be in `new`'s record
-    (`suites` says which: the gate scores them where the record lacks them)."""
+    (`suites` says which: the gate scores them where the record lacks them); the `wild`
+    figures are the evaluate stage's (reports/wild.json, `reads_wild` says when needed)."""
     ev = new.evaluation
     sections: dict[str, Any] = {
         "metrics": ev.metrics,
         "calibration": ev.calibration,
         "ood": ev.ood,
         "robustness": ev.robustness,
+        "wild": wild,
         "comparison": comparison,
         "high_water": None
         if high is None
@@ -269,9 +291,13 @@ def decide(results: Sequence[Check], contest: Contest, where: Context) -> Verdic
     return Verdict.PROMOTED if where.may_promote else Verdict.APPROVED
 
 
-def judge(name: str, contest: Contest, where: Context, test_sha256: str) -> Outcome:
+def judge(
+    name: str, contest: Contest, where: Context, test_sha256: str, wild: WildFigures | None = None
+) -> Outcome:
     """The checks by the thresholds `where` applies, and the verdict."""
-    results = checks(where.gates, contest.new, comparison=contest.comparison, high=contest.high)
+    results = checks(
+        where.gates, contest.new, comparison=contest.comparison, high=contest.high, wild=wild
+    )
     return Outcome(
         name=name,
         contest=contest,

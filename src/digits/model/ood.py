@@ -10,6 +10,8 @@ is a choice, not an accident of the suite. numpy only."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from digits.core.metrics import DIGITS, Refusal
@@ -18,6 +20,14 @@ from digits.core.metrics import DIGITS, Refusal
 def score(probs: np.ndarray) -> np.ndarray:
     """Each image's confidence that it is a digit: its largest probability."""
     return np.asarray(probs).max(axis=1)
+
+
+def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The negative free energy, T * logsumexp(logits / T) (Liu et al. 2020): a digit score
+    that keeps the logits' scale, which the softmax throws away. Higher: more a digit."""
+    z = np.asarray(logits, np.float64) / temperature
+    top = z.max(axis=1)
+    return temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
 
 
 def threshold_for(val_scores: np.ndarray, refuse_share: float) -> float:
@@ -71,3 +81,56 @@ def measure(digit_probs: np.ndarray, suite: dict[str, np.ndarray], threshold: fl
         refused={k: round(float((s < threshold).mean()), DIGITS) for k, s in per_kind.items()},
         outliers=len(everything),
     )
+
+
+def measure_wild(
+    digit_sets: dict[str, tuple[np.ndarray, np.ndarray]],
+    other_sets: dict[str, np.ndarray],
+    threshold: float,
+) -> dict:
+    """The out-of-MNIST sets (digits.data.wild) at the model's threshold. `digit_sets`:
+    {name: (probs, labels)}, `other_sets`: {name: probs} of non-digits. Per digit set the shares
+    read right (accepted, right digit), refused and misread (accepted, wrong digit); per
+    non-digit set the share refused; pooled: the same over all digits and all non-digits, the
+    worst digit set's read and refused shares (what the gate judges), and the AUROC of telling
+    the wild digits from the wild non-digits by the score."""
+    r = functools.partial(round, ndigits=DIGITS)
+    digits: dict[str, dict] = {}
+    pooled_scores, pooled_right = [], []
+    for name, (probs, labels) in digit_sets.items():
+        s = score(probs)
+        accepted, right = s >= threshold, np.asarray(probs).argmax(1) == np.asarray(labels)
+        digits[name] = {
+            "read": r(float((accepted & right).mean())),
+            "refused": r(float((~accepted).mean())),
+            "misread": r(float((accepted & ~right).mean())),
+            "images": len(s),
+        }
+        pooled_scores.append(s)
+        pooled_right.append(right)
+    d_scores, d_right = np.concatenate(pooled_scores), np.concatenate(pooled_right)
+    o_scores = {name: score(p) for name, p in other_sets.items()}
+    o_all = np.concatenate(list(o_scores.values()))
+    accepted = d_scores >= threshold
+    return {
+        "threshold": threshold,
+        "digits": {
+            "read": r(float((accepted & d_right).mean())),
+            "refused": r(float((~accepted).mean())),
+            "misread": r(float((accepted & ~d_right).mean())),
+            "images": len(d_scores),
+            "worst_read": min(v["read"] for v in digits.values()),
+            "worst_refused": max(v["refused"] for v in digits.values()),
+            "sets": digits,
+        },
+        "non_digits": {
+            "refused": r(float((o_all < threshold).mean())),
+            "images": len(o_all),
+            "worst_refused": min(r(float((s < threshold).mean())) for s in o_scores.values()),
+            "sets": {
+                name: {"refused": r(float((s < threshold).mean())), "images": len(s)}
+                for name, s in o_scores.items()
+            },
+        },
+        "auroc": r(auroc(d_scores, o_all)),
+    }

@@ -28,6 +28,7 @@ def run(params: Params) -> Evaluation:
     from digits.core.reports import read_history
     from digits.data.preprocess import file_digest, load_arrays
     from digits.monitor import stage as monitoring
+    from digits.scoring import wild as outside_mnist
     from digits.tracking import runs as tracking
 
     model_sha256 = file_digest(MODEL)
@@ -46,6 +47,7 @@ def run(params: Params) -> Evaluation:
         print(summary(scored.evaluation))
         test_sha256 = file_digest(TEST_DATA)
         tracking.log_evaluation(store, run_id, scored.evaluation, drawn, test_sha256, len(y))
+        outside_mnist.run(store, run_id, (x, y))  # reports/wild.json, wild/... in the run
         version = register(
             store, params, run_id, scored=scored, model_sha256=model_sha256, test_sha256=test_sha256
         )

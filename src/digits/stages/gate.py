@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 
 from digits.core.errors import DigitsError
 from digits.gate import governance
-from digits.gate.policy import Contest, Outcome, Verdict, judge, suites
+from digits.gate.policy import RELATIVE, Contest, Outcome, Verdict, judge, reads_wild, suites
 from digits.scoring.cache import CACHE_TAG
 from digits.scoring.registered import VersionScorer
+from digits.scoring.wild import read as read_wild
 from digits.tracking import registry
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def run(params: Params) -> Outcome:
 
     name = params.mlflow.registered_model
     where = governance.tighten(governance.context(params), params.gates)
+    wild = read_wild() if reads_wild(where.gates) else None  # before any scoring: it may be missing
     store = open_store(params.mlflow.experiment)
     test_sha256 = file_digest(TEST_DATA)
     version, run_id = judged_version(store, name, file_digest(MODEL))
@@ -67,11 +69,12 @@ def run(params: Params) -> Outcome:
                 suites(where.gates, params.evaluate.outliers_per_kind),
             )
             contest = compete(client, scorer, name, version)
-        outcome = judge(name, contest, where, test_sha256)
+        outcome = judge(name, contest, where, test_sha256, wild)
         # and the feedback hold-out, when there is one (digits.monitor.gatecheck)
         outcome = with_feedback(outcome, where.gates.alpha, params.feedback.holdout_share)
         outcome = record(store, scorer, outcome, run_id)
         text = write_reports(outcome, governance.advisory(params.gates, where.gates))
+        model_card(store, params, outcome, run_id)
         tracking.log_gate(
             store,
             run_id,
@@ -123,6 +126,22 @@ def write_reports(outcome: Outcome, advisory: list[tuple[str, object, object]]) 
     write_text(GATE_REPORT, text)
     write_text(GATE_VERDICT, report.verdict_json(outcome.results))
     return text
+
+
+def model_card(store: Store, params: Params, o: Outcome, run_id: str) -> None:
+    """reports/model_card.md (digits.scoring.card) with the absolute checks as judged, into the
+    run that registered the version and under the description `record` wrote."""
+    from digits.core.files import METRICS
+    from digits.scoring import card
+    from digits.scoring.wild import WILD_METRICS
+
+    missing = [str(p) for p in (METRICS, WILD_METRICS) if not p.exists()]
+    if missing:  # `digits gate` outside a pipeline run: the gate's verdict stands without it
+        print(f"gate: no model card: {', '.join(missing)} missing (the evaluate stage writes it)")
+        return
+    absolute = [c for c in o.results if c.gate not in RELATIVE]
+    card.make(params, absolute, branch=o.where.branch)
+    card.attach(store, o.name, o.version, run_id)
 
 
 def record(store: Store, scorer: VersionScorer, o: Outcome, run_id: str) -> Outcome:
