@@ -123,9 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000; 0: a free one)")
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
     p.add_argument(
+        "--admin-password-file",
+        metavar="FILE",
+        help="the admin's password in a file only you can read (default: "
+        "MLFLOW_AUTH_ADMIN_PASSWORD; there is no default password)",
+    )
+    p.add_argument(
+        "--auth-database-uri",
+        help="where users and permissions live (default: the backend store's database; a "
+        "second database in the throwaway cluster)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no logins: anyone who reaches the server may change anything (loopback only)",
+    )
+    p.add_argument(
         "mlflow_args",
         nargs=argparse.REMAINDER,
-        help="after --: more `mlflow server` options, e.g. -- --app-name basic-auth",
+        help="`user add NAME --role reader|developer|release` (a login, as the admin; "
+        "`user add -h`), or after --: more `mlflow server` options",
     )
     p.set_defaults(handler=_server)
     return parser
