@@ -67,8 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_predict)
     p = sub.add_parser("app", help="a page to draw a digit and see what the model thinks")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default: 127.0.0.1; another needs --public)",
+    )
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="allow a --host other than loopback: the page and API open to the network",
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=20.0,
+        metavar="PER_SECOND",
+        help="/predict and /feedback requests a second per client address, in each worker; "
+        "past it a 429 (default 20; 0: no limit)",
+    )
+    p.add_argument(
+        "--rate-burst",
+        type=int,
+        default=40,
+        metavar="N",
+        help="requests a client may send at once before the limit applies (default 40)",
+    )
     p.add_argument(
         "--workers", type=int, help="processes serving requests (default: the cores, at most 4)"
     )
