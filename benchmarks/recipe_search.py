@@ -136,8 +136,8 @@ def main() -> int:
         worst = corruption_accuracies(predict, val_np, y)
         fpr = ood.fpr_at_tpr(ood.score(probs), ood.score(predict(val_outliers)))
         print(
-            f"| {name} {' '.join(args.set)} | {p.epochs} | {accuracy:.4f} | {worst['worst']:.4f} "
-            f"({min(worst['corruptions'], key=worst['corruptions'].get)}) | {val_ece:.4f} | "
+            f"| {name} {' '.join(args.set)} | {p.epochs} | {accuracy:.4f} | {worst.worst:.4f} "
+            f"({worst.worst_corruption()[0]}) | {val_ece:.4f} | "
             f"{fpr:.4f} | {seconds:.0f} |",
             flush=True,
         )

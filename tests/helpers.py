@@ -366,8 +366,8 @@ def register(store_uri: str, experiment_id: str, weights: Path, name: str) -> st
     from digits.tracking import registry
 
     mlflow.set_tracking_uri(store_uri)
-    with mlflow.start_run(experiment_id=experiment_id):
-        version = serving.log_and_register(weights, name)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        version = serving.log_and_register(weights, name, run.info.run_id)
     client = mlflow.MlflowClient(store_uri)
     client.set_model_version_tag(name, version, registry.MODEL_TAG, file_digest(weights))
     return version

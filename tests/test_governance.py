@@ -12,15 +12,24 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from digits.cli import main as cli
-from digits.core.config import ConfigError, parse_params
+from digits.core.config import ConfigError, GateParams, parse_params
 from digits.core.files import GATE_REPORT
-from digits.gate import governance, policy
+from digits.core.metrics import (
+    Calibration,
+    ClassScores,
+    Evaluation,
+    Metrics,
+    Refusal,
+    Robustness,
+)
+from digits.gate import governance, policy, report
 from digits.scoring.cache import Score
 from digits.stages import gate
 from gate_workspace import (
@@ -35,6 +44,22 @@ from gate_workspace import (
 from helpers import dvc, git
 
 GATES = {"min_accuracy": 0.9, "max_loss": 100.0, "min_class_recall": 0.0}  # main's
+GOLDEN = Path(__file__).parent / "golden"  # the gate's words for fixed inputs
+
+
+def score(version: str, accuracy: float, correct, loss: float = 0.1, **sections) -> Score:
+    """A version's score with these numbers (digit 7 recognised worst, at 0.93)."""
+    import numpy as np
+
+    per_class = {str(d): ClassScores(precision=0.99, recall=0.99 - d / 1000) for d in range(10)}
+    per_class["7"] = ClassScores(precision=0.97, recall=0.93)
+    metrics = Metrics(accuracy=accuracy, loss=loss, macro_f1=accuracy - 0.001, per_class=per_class)
+    return Score(
+        version=version,
+        evaluation=Evaluation(metrics=metrics, **sections),
+        correct=np.asarray(correct, bool),
+        model_sha256="",
+    )
 
 
 # --- McNemar ------------------------------------------------------------------------------------
@@ -59,16 +84,115 @@ def test_mcnemar_p_matches_a_hand_computed_binomial_tail():
 
 
 def test_mcnemar_counts_only_the_images_where_the_models_disagree():
-    import numpy as np
-
-    champion = Score(
-        version="1", metrics={}, correct=np.array([1, 1, 1, 0, 0, 1], bool), model_sha256=""
-    )
-    new = Score(
-        version="2", metrics={}, correct=np.array([1, 0, 0, 1, 0, 1], bool), model_sha256=""
-    )
+    champion = score("1", 0.67, [1, 1, 1, 0, 0, 1])
+    new = score("2", 0.5, [1, 0, 0, 1, 0, 1])
     c = policy.compare(champion, new)
     assert (c.b, c.c) == (2, 1) and c.p == pytest.approx(policy.mcnemar_p(2, 1))
+
+
+# --- the checks, the verdict and its words: pure functions --------------------------------------
+
+STRICT = GateParams(min_accuracy=0.9, max_loss=0.2, min_class_recall=0.95,
+                    max_accuracy_drop=0.002, min_corruption_accuracy=0.9, max_ece=0.01,
+                    max_ood_fpr95=0.05, max_refused_digits=0.01, alpha=0.05)  # fmt: skip
+SECTIONS = {
+    "calibration": Calibration(temperature=0.53, ece_before=0.09, ece=0.0126, nll_before=0.12,
+                               nll=0.031),
+    "ood": Refusal(threshold=0.586286, auroc=0.992126, fpr95=0.027333, refused_digits=0.012,
+                   refused_outliers=0.87, refused={"letters": 0.85, "noise": 1.0}, outliers=1000),
+    "robustness": Robustness(mean=0.9, worst=0.85,
+                             corruptions={"blur": 0.95, "rotate": 0.85, "thin": 0.9}),
+}  # fmt: skip
+
+
+def where(**kw) -> governance.Context:
+    base: dict = {"branch": "main", "gates": STRICT, "source": "main@1a2b3c4:params.yaml",
+                  "may_promote": True, "commit": "1a2b3c4d5e6f7", "has_branch": True}  # fmt: skip
+    return governance.Context(**{**base, **kw})
+
+
+def golden(name: str) -> str:
+    return (GOLDEN / name).read_text()
+
+
+def test_the_gate_words_every_check_as_it_always_has():
+    """tests/golden/ was written by the gate before its checks became a table (the 16-field
+    Outcome, decide(bool, bool, bool)): the same inputs give the same bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.random(2000) < 0.98
+    new_c = base.copy()
+    new_c[np.flatnonzero(base)[:12]] = False  # b = 12
+    new_c[np.flatnonzero(~base)[:3]] = True  # c = 3
+    new = score("7", round(float(new_c.mean()), 6), new_c, **SECTIONS)
+    champion = score("5", round(float(base.mean()), 6), base, loss=0.09)
+    champion.cached, champion.by = True, "evaluate"
+    high = score("3", 0.985, base, loss=0.08)
+    high.cached = True
+    contest = policy.Contest.of(new, "5", champion, high)
+    o = replace(policy.judge("mnist-mlp", contest, where(), "ab" * 32), challenger="6")
+    assert o.verdict is policy.Verdict.REJECTED
+    assert report.report(o, [("min_accuracy", 0.5, 0.9)]) == golden("rejected.md")
+    assert report.verdict_json(o.results) == golden("rejected.json")
+    assert report.description(o, "r1d", "12") == golden("rejected.txt")
+
+    loose = GateParams(min_accuracy=0.9, max_loss=0.2, min_class_recall=0.9)
+    good = score("8", 0.99, base, loss=0.05)
+    experiment = where(gates=loose, may_promote=False, why_not="this is DVC experiment `seed1`")
+    for challenger, name in (("8", "approved"), ("6", "approved-other")):
+        contest = policy.Contest.of(good, None, None, None)
+        judged = policy.judge("mnist-mlp", contest, experiment, "cd" * 32)
+        o = replace(judged, challenger=challenger)
+        assert o.verdict is policy.Verdict.APPROVED
+        assert report.report(o, [("max_loss", 1.0, 0.2)]) == golden(f"{name}.md")
+        assert report.description(o, "r2", "12") == golden(f"{name}.txt")
+    assert report.verdict_json(o.results) == golden("approved.json")
+
+    plain = where(gates=loose, source="this folder's params.yaml", has_branch=False, commit="")
+    for champion_version, name, verdict in (
+        ("8", "already", policy.Verdict.ALREADY),
+        (None, "promoted", policy.Verdict.PROMOTED),
+    ):
+        contest = policy.Contest.of(good, champion_version, None, None)
+        o = policy.judge("mnist-mlp", contest, plain, "cd" * 32)
+        assert o.verdict is verdict
+        assert report.report(o, []) == golden(f"{name}.md")
+        assert report.description(o, "r3", "12") == golden(f"{name}.txt")
+
+
+def test_a_gate_reads_only_what_it_is_on_for():
+    # what the gate must have scored: nothing beyond metrics and calibration by default
+    assert policy.suites(GateParams(), 500) == policy.Suites()
+    assert policy.suites(GateParams(max_refused_digits=0.5), 500).outliers_per_kind == 500
+    assert policy.suites(GateParams(max_ood_fpr95=0.5), 500).outliers_per_kind == 500
+    assert policy.suites(GateParams(min_corruption_accuracy=0.5), 500) == policy.Suites(
+        robustness=True
+    )
+    # the default gates: the absolute three; a gate on whose section is missing says so
+    bare = score("1", 0.99, [1, 1])
+    assert [c.gate for c in policy.checks(GateParams(), bare, comparison=None, high=None)] == [
+        "min_accuracy",
+        "max_loss",
+        "min_class_recall",
+    ]
+    with pytest.raises(ValueError, match="max_ece is on but the score has no calibration"):
+        policy.checks(GateParams(max_ece=0.1), bare, comparison=None, high=None)
+    with pytest.raises(ValueError, match=r"min_corruption_accuracy is on but .* no robustness"):
+        policy.checks(GateParams(min_corruption_accuracy=0.1), bare, comparison=None, high=None)
+
+
+def test_the_verdict_follows_the_checks_the_champion_and_the_branch():
+    new = score("2", 0.99, [1, 1])
+    gates = GateParams(min_class_recall=0.9)
+    passing = policy.checks(gates, new, comparison=None, high=None)
+    failing = policy.checks(GateParams(), new, comparison=None, high=None)  # digit 7's recall
+    first, again = policy.Contest.of(new, None, None, None), policy.Contest.of(new, "2", None, None)
+    V = policy.Verdict
+    assert policy.decide(failing, again, where()) is V.REJECTED
+    assert policy.decide(passing, again, where()) is V.ALREADY
+    assert policy.decide(passing, first, where()) is V.PROMOTED
+    assert policy.decide(passing, first, where(may_promote=False, why_not="x")) is V.APPROVED
 
 
 # --- who may promote: real git repositories ------------------------------------------------------

@@ -74,6 +74,6 @@ def test_measure_reports_every_kind():
     digit_probs = np.eye(10)[np.arange(100) % 10] * 0.9 + 0.01
     suite = {"letters": np.full((30, 10), 0.1), "noise": np.eye(10)[np.arange(30) % 10]}
     m = ood.measure(digit_probs, suite, threshold=0.5)
-    assert m["refused"] == {"letters": 1.0, "noise": 0.0}
-    assert m["refused_digits"] == 0.0 and m["outliers"] == 60
-    assert m["refused_outliers"] == 0.5 and 0 < m["auroc"] < 1
+    assert m.refused == {"letters": 1.0, "noise": 0.0}
+    assert m.refused_digits == 0.0 and m.outliers == 60
+    assert m.refused_outliers == 0.5 and 0 < m.auroc < 1

@@ -197,6 +197,8 @@ def test_mlflow_run_and_registered_model(repro):
 
     # the score the evaluate stage recorded for the gate is what the registered model gives:
     # the same right/wrong bit on every image, the same metrics
+    from dataclasses import asdict
+
     from digits.core.metrics import compute_metrics
     from digits.scoring.cache import CACHE_TAG, decode_correct
 
@@ -205,7 +207,7 @@ def test_mlflow_run_and_registered_model(repro):
     assert record["by"] == "evaluate"
     np.testing.assert_array_equal(decode_correct(record["correct"], len(y)), probs.argmax(1) == y)
     headline = {k: v for k, v in record["metrics"].items() if k not in ("calibration", "ood")}
-    assert headline == compute_metrics(probs, y)
+    assert headline == asdict(compute_metrics(probs, y))
     assert record["metrics"]["calibration"] == metrics["calibration"]
     assert record["robustness"] == metrics["robustness"]
     assert "scored by the evaluate stage" in (project / "reports/gate.md").read_text()

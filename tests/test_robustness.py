@@ -162,9 +162,9 @@ def test_accuracies_of_trivial_models(digits, tmp_path):
 
     result = corruption_accuracies(always_three, x, y)
     share = round(float((y == 3).mean()), 6)
-    assert set(result["corruptions"]) == set(CORRUPTIONS)
-    assert all(a == share for a in result["corruptions"].values())
-    assert result["mean"] == result["worst"] == share
+    assert set(result.corruptions) == set(CORRUPTIONS)
+    assert all(a == share for a in result.corruptions.values())
+    assert result.mean == result.worst == share
     assert seen == [np.ndarray] * len(CORRUPTIONS)  # numpy in, numpy to the model
 
     # a model that counts ink: thick strokes push everything to "bright", and so on: the
@@ -174,10 +174,10 @@ def test_accuracies_of_trivial_models(digits, tmp_path):
         return torch.softmax(-((ink * 60 - torch.arange(10)) ** 2), 1)
 
     result = corruption_accuracies(by_ink, torch.from_numpy(x), torch.from_numpy(y))
-    accs = list(result["corruptions"].values())
+    accs = list(result.corruptions.values())
     assert len(set(accs)) > 3
-    assert result["worst"] == min(accs)
-    assert result["mean"] == round(float(np.mean(accs)), 6)
+    assert result.worst == min(accs)
+    assert result.mean == round(float(np.mean(accs)), 6)
     png = plot_robustness(result, 0.5, tmp_path / "robustness.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -200,8 +200,9 @@ def test_the_gate_scores_a_registered_versions_corruptions(tmp_path):
 
     from digits.core.config import GateParams
     from digits.data.preprocess import save_arrays
-    from digits.gate.policy import checks, worst_corruption
-    from digits.stages.gate import Scorer
+    from digits.gate.policy import checks
+    from digits.scoring.registered import VersionScorer
+    from digits.scoring.scorer import Suites
     from helpers import register_champion, served_probabilities
 
     d = mnist_dir()
@@ -213,25 +214,27 @@ def test_the_gate_scores_a_registered_versions_corruptions(tmp_path):
     mlflow.set_tracking_uri(reg["tracking_uri"])
     try:
         client = mlflow.MlflowClient()
-        score = Scorer(client, "mnist-mlp", tmp_path / "test.npz", "sha", robustness=True).score(
-            reg["version"]
+        scorer = VersionScorer(
+            client, "mnist-mlp", tmp_path / "test.npz", "sha", Suites(robustness=True)
         )
+        score = scorer.score(reg["version"])
     finally:
         mlflow.set_tracking_uri(previous)
-    result = score.robustness
+    result = score.evaluation.robustness
+    assert result is not None
     off = checks(GateParams(), score, comparison=None, high=None)
     strict = checks(GateParams(min_corruption_accuracy=0.99), score, comparison=None, high=None)
     loose = checks(GateParams(min_corruption_accuracy=0.05), score, comparison=None, high=None)
     assert "min_corruption_accuracy" not in [c.gate for c in off]
     assert strict[-1].gate == loose[-1].gate == "min_corruption_accuracy"
-    assert strict[-1].value == loose[-1].value == result["worst"]
+    assert strict[-1].value == loose[-1].value == result.worst
     assert not strict[-1].passed and loose[-1].passed
-    assert worst_corruption(result)[0] in strict[-1].metric
+    assert result.worst_corruption()[0] in strict[-1].metric
     direct = corruption_accuracies(
         lambda im: served_probabilities(reg["pyfunc"].predict(im)), x.astype(np.float32) / 255, y
     )
     assert result == direct  # what users load scores the same
-    name, acc = worst_corruption(result)
-    assert acc == result["worst"] == min(result["corruptions"].values())
-    assert result["corruptions"][name] == acc
-    assert 0.3 < result["mean"] < 0.98  # a 2-epoch model: well above chance, hurt by some
+    name, acc = result.worst_corruption()
+    assert acc == result.worst == min(result.corruptions.values())
+    assert result.corruptions[name] == acc
+    assert 0.3 < result.mean < 0.98  # a 2-epoch model: well above chance, hurt by some

@@ -460,6 +460,7 @@ def test_a_hung_git_is_an_error_naming_the_command(tmp_path, monkeypatch):
 
 
 def test_metric_names_group_by_prefix():
+    from digits.core.metrics import Evaluation
     from digits.tracking.runs import evaluation_metrics
 
     metrics = {
@@ -468,14 +469,14 @@ def test_metric_names_group_by_prefix():
         "macro_f1": 0.89,
         "per_class": {str(d): {"precision": 0.9, "recall": 0.8 + d / 100} for d in range(10)},
     }
-    logged = evaluation_metrics(metrics)
+    logged = evaluation_metrics(Evaluation.from_dict(metrics))
     assert {"test_accuracy", "test_loss", "test_macro_f1"} <= logged.keys()
     assert logged["test_class/3/recall"] == pytest.approx(0.83)
     assert len([k for k in logged if k.startswith("test_class/")]) == 20
     assert len(logged) == 23  # nothing else: no robustness section, no flat per-class names
 
     metrics["robustness"] = {"mean": 0.7, "worst": 0.4, "corruptions": {"blur": 0.8, "thin": 0.4}}
-    logged = evaluation_metrics(metrics)
+    logged = evaluation_metrics(Evaluation.from_dict(metrics))
     assert logged["robustness/mean"] == 0.7 and logged["robustness/worst"] == 0.4
     assert logged["robustness/blur"] == 0.8 and logged["robustness/thin"] == 0.4
     assert len(logged) == 27

@@ -9,13 +9,13 @@ trained belongs to its MLflow run, not to a file DVC tracks: see digits.tracking
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from digits.core.errors import DigitsError
 from digits.core.files import write_text
+from digits.core.metrics import Evaluation
 
 
 class ReportError(DigitsError):
@@ -77,8 +77,8 @@ def read_history(path: Path) -> list[Epoch]:
         raise ReportError(f"{path}: not a training history ({e})") from None
 
 
-def write_metrics(path: Path, metrics: dict) -> None:
-    write_text(path, json.dumps(metrics, indent=2) + "\n")
+def write_metrics(path: Path, evaluation: Evaluation) -> None:
+    write_text(path, evaluation.to_json())
 
 
 def write_predictions(path: Path, actual: Sequence[int], predicted: Sequence[int]) -> None:

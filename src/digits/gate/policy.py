@@ -1,6 +1,8 @@
 """The metric gate's policy: which checks a new version must pass, and what the gate decided.
 Pure functions of scores and thresholds: no store, no files, no model loading (digits.stages.gate
-does the I/O; digits.gate.report puts the decision into words).
+does the I/O; digits.gate.report puts the decision into words). The checks are a table (RULES):
+each names the section of the version's record it reads, the value there, the comparison and
+its threshold's key, so what a gate needs scored is known before anything is scored (`suites`).
 
 The new version must pass, by the thresholds committed on the promotion branch (each tightened
 where the workspace asks for more; digits.gate.governance):
@@ -14,12 +16,16 @@ where the workspace asks for more; digits.gate.governance):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from operator import attrgetter
+from typing import Any
 
 from digits.core.config import GateParams
-from digits.core.metrics import worst_recall
+from digits.gate.governance import Context
 from digits.scoring.cache import Score
+from digits.scoring.scorer import Suites
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,118 +80,136 @@ def compare(champion: Score, new: Score) -> Comparison:
     return Comparison(champion=champion.version, b=b, c=c, p=mcnemar_p(b, c))
 
 
-def worst_corruption(robustness: dict) -> tuple[str, float]:
-    """(name, accuracy) of the corruption a model handles worst (the first, on a tie)."""
-    name = min(robustness["corruptions"], key=robustness["corruptions"].get)
-    return name, robustness["corruptions"][name]
+@dataclass(frozen=True, kw_only=True)
+class HighWater:
+    """What the high-water check reads: the new version's accuracy against the best any
+    champion has had on this test set, less the drop allowed."""
+
+    accuracy: float
+    mark: float
+    version: str  # whose mark it is
+    drop: float
+
+    @property
+    def floor(self) -> float:
+        return self.mark - self.drop
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    """One gate, as data: what it reads, the value it takes there, how it compares with its
+    threshold, and how the report names it."""
+
+    gate: str  # the check's name in the report and gate.json; its threshold's key in `gates`
+    reads: str  # a section of the new version's Evaluation, or one of RELATIVE_SECTIONS
+    value: Callable[[Any], float]  # of that section
+    op: str  # ">=" or "<="
+    metric: str | Callable[[Any], str]  # what the report calls the value
+    # a key in `gates` ("": the gate's own), or a function of the section
+    threshold: str | Callable[[Any], float] = ""
+    note: Callable[[Any], str] = lambda section: ""
+    switchable: bool = False  # off at its loosest threshold (1 for "<=", 0 for ">=")
+    fmt: str = ".4f"
+
+    def on(self, gates: GateParams) -> bool:
+        if not self.switchable:
+            return True
+        limit = getattr(gates, self.gate)
+        return limit < 1 if self.op == "<=" else limit > 0
+
+    def check(self, section: Any, gates: GateParams) -> Check:
+        threshold = (
+            self.threshold(section)
+            if callable(self.threshold)
+            else getattr(gates, self.threshold or self.gate)
+        )
+        return Check(
+            gate=self.gate,
+            metric=self.metric(section) if callable(self.metric) else self.metric,
+            value=self.value(section),
+            threshold=threshold,
+            op=self.op,
+            note=self.note(section),
+            fmt=self.fmt,
+        )
+
+
+# sections that exist only against other versions of this store: a check on them is skipped
+# when there is nothing to compare with (no champion, no past champion)
+RELATIVE_SECTIONS = frozenset({"comparison", "high_water"})
+
+# the gates, in report order
+RULES: tuple[Rule, ...] = (
+    Rule(gate="min_accuracy", reads="metrics", value=attrgetter("accuracy"), op=">=",
+         metric="accuracy"),
+    Rule(gate="max_loss", reads="metrics", value=attrgetter("loss"), op="<=", metric="loss"),
+    Rule(gate="min_class_recall", reads="metrics", value=lambda m: m.worst_recall()[1], op=">=",
+         metric=lambda m: f"recall of digit {m.worst_recall()[0]} (worst)"),
+    Rule(gate="not_worse_than_champion", reads="comparison", value=attrgetter("p"), op=">=",
+         threshold="alpha", metric="McNemar one-sided p", fmt=".4g",
+         note=lambda c: f"vs champion v{c.champion}: b = {c.b}, c = {c.c}"),
+    Rule(gate="max_accuracy_drop", reads="high_water", value=attrgetter("accuracy"), op=">=",
+         threshold=attrgetter("floor"), metric="accuracy vs high-water mark",
+         note=lambda h: f"high-water mark {h.mark:.4f} (v{h.version}), drop allowed {h.drop}"),
+    Rule(gate="max_ece", reads="calibration", value=attrgetter("ece"), op="<=", switchable=True,
+         metric="expected calibration error (15 bins)"),
+    Rule(gate="max_ood_fpr95", reads="ood", value=attrgetter("fpr95"), op="<=", switchable=True,
+         metric="non-digits accepted at 95% of test digits (FPR95)",
+         note=lambda o: f"AUROC {o.auroc:.4f} over {o.outliers} non-digits"),
+    Rule(gate="max_refused_digits", reads="ood", value=attrgetter("refused_digits"), op="<=",
+         switchable=True, metric="test digits refused as not a digit",
+         note=lambda o: f"threshold {o.threshold:.4g}"),
+    Rule(gate="min_corruption_accuracy", reads="robustness", value=attrgetter("worst"), op=">=",
+         switchable=True,
+         metric=lambda r: f"accuracy under {r.worst_corruption()[0]} (worst corruption)",
+         note=lambda r: f"mean over {len(r.corruptions)} corruptions: {r.mean:.4f}"),
+)  # fmt: skip
+
+# the checks that compare with other versions of this store (@champion, the high-water mark)
+RELATIVE = frozenset(r.gate for r in RULES if r.reads in RELATIVE_SECTIONS)
+
+
+def suites(gates: GateParams, outliers_per_kind: int) -> Suites:
+    """What a version's score must hold for these gates, beyond its metrics and calibration:
+    the outlier suite where a gate on reads `ood`, the corruptions where one reads
+    `robustness`. The gate scores a version whose record lacks them (and nothing more)."""
+    read = {r.reads for r in RULES if r.on(gates)}
+    return Suites(
+        outliers_per_kind=outliers_per_kind if "ood" in read else 0,
+        robustness="robustness" in read,
+    )
 
 
 def checks(
     gates: GateParams, new: Score, *, comparison: Comparison | None, high: Score | None
 ) -> list[Check]:
-    """The gates, in report order. With `gates.min_corruption_accuracy` on, `new.robustness`
-    must be there (the gate scores it when the version's record lacks it)."""
-    m = new.metrics
-    worst_digit, worst = worst_recall(m)
-    out = [
-        Check(
-            gate="min_accuracy",
-            metric="accuracy",
-            value=m["accuracy"],
-            threshold=gates.min_accuracy,
-            op=">=",
+    """The gates on, in report order. A section a gate on reads must be in `new`'s record
+    (`suites` says which: the gate scores them where the record lacks them)."""
+    ev = new.evaluation
+    sections: dict[str, Any] = {
+        "metrics": ev.metrics,
+        "calibration": ev.calibration,
+        "ood": ev.ood,
+        "robustness": ev.robustness,
+        "comparison": comparison,
+        "high_water": None
+        if high is None
+        else HighWater(
+            accuracy=new.accuracy,
+            mark=high.accuracy,
+            version=high.version,
+            drop=gates.max_accuracy_drop,
         ),
-        Check(gate="max_loss", metric="loss", value=m["loss"], threshold=gates.max_loss, op="<="),
-        Check(
-            gate="min_class_recall",
-            metric=f"recall of digit {worst_digit} (worst)",
-            value=worst,
-            threshold=gates.min_class_recall,
-            op=">=",
-        ),
-    ]
-    if comparison is not None:
-        out.append(
-            Check(
-                gate="not_worse_than_champion",
-                metric="McNemar one-sided p",
-                value=comparison.p,
-                threshold=gates.alpha,
-                op=">=",
-                note=f"vs champion v{comparison.champion}: b = {comparison.b}, c = {comparison.c}",
-                fmt=".4g",
-            )
-        )
-    if high is not None:
-        out.append(
-            Check(
-                gate="max_accuracy_drop",
-                metric="accuracy vs high-water mark",
-                value=m["accuracy"],
-                threshold=high.accuracy - gates.max_accuracy_drop,
-                op=">=",
-                note=f"high-water mark {high.accuracy:.4f} (v{high.version}), "
-                f"drop allowed {gates.max_accuracy_drop}",
-            )
-        )
-    if gates.max_ece < 1:
-        out.append(
-            Check(
-                gate="max_ece",
-                metric="expected calibration error (15 bins)",
-                value=_needs(m, "calibration", "max_ece")["ece"],
-                threshold=gates.max_ece,
-                op="<=",
-            )
-        )
-    if gates.max_ood_fpr95 < 1:
-        o = _needs(m, "ood", "max_ood_fpr95")
-        out.append(
-            Check(
-                gate="max_ood_fpr95",
-                metric="non-digits accepted at 95% of test digits (FPR95)",
-                value=o["fpr95"],
-                threshold=gates.max_ood_fpr95,
-                op="<=",
-                note=f"AUROC {o['auroc']:.4f} over {o['outliers']} non-digits",
-            )
-        )
-    if gates.max_refused_digits < 1:
-        o = _needs(m, "ood", "max_refused_digits")
-        out.append(
-            Check(
-                gate="max_refused_digits",
-                metric="test digits refused as not a digit",
-                value=o["refused_digits"],
-                threshold=gates.max_refused_digits,
-                op="<=",
-                note=f"threshold {o['threshold']:.4g}",
-            )
-        )
-    if gates.min_corruption_accuracy > 0:
-        if new.robustness is None:
-            raise ValueError(
-                "checks: min_corruption_accuracy is on but the score has no robustness"
-            )
-        name, acc = worst_corruption(new.robustness)
-        out.append(
-            Check(
-                gate="min_corruption_accuracy",
-                metric=f"accuracy under {name} (worst corruption)",
-                value=acc,
-                threshold=gates.min_corruption_accuracy,
-                op=">=",
-                note=f"mean over {len(new.robustness['corruptions'])} corruptions: "
-                f"{new.robustness['mean']:.4f}",
-            )
-        )
+    }
+    out = []
+    for rule in RULES:
+        section = sections[rule.reads]
+        if not rule.on(gates) or (section is None and rule.reads in RELATIVE_SECTIONS):
+            continue
+        if section is None:
+            raise ValueError(f"checks: {rule.gate} is on but the score has no {rule.reads} section")
+        out.append(rule.check(section, gates))
     return out
-
-
-def _needs(metrics: dict, section: str, gate: str) -> dict:
-    if section not in metrics:
-        raise ValueError(f"checks: {gate} is on but the score has no {section} section")
-    return metrics[section]
 
 
 class Verdict(Enum):
@@ -196,34 +220,61 @@ class Verdict(Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Contest:
+    """The version judged, and the versions it was compared with."""
+
+    version: str
+    new: Score
+    champion_version: str | None = None  # @champion when the gate ran
+    champion: Score | None = None  # the champion compared with (None: none, or it is `new`)
+    comparison: Comparison | None = None
+    high: Score | None = None  # the high-water mark
+
+    @classmethod
+    def of(cls, new: Score, champion_version: str | None, champion: Score | None,
+           high: Score | None) -> Contest:  # fmt: skip
+        comparison = compare(champion, new) if champion is not None else None
+        return cls(version=new.version, new=new, champion_version=champion_version,
+                   champion=champion, comparison=comparison, high=high)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
 class Outcome:
     """What the gate decided and did: everything the report and the version's description say."""
 
     name: str  # the registered model
-    version: str
-    new: Score
+    contest: Contest
     results: list[Check]
-    thresholds: str  # where the applied gates came from, e.g. "main@1a2b3c4:params.yaml"
-    branch: str  # the promotion branch
-    has_branch: bool  # it exists in git
-    why_not: str  # why this run may not promote ("" when it may)
-    commit: str  # HEAD's commit
-    test_sha256: str
-    champion: Score | None = None  # the champion compared with (None: none, or it is `new`)
-    comparison: Comparison | None = None
-    high: Score | None = None  # the high-water mark
-    champion_version: str | None = None  # the champion when the gate ran
-    challenger: str | None = None  # @challenger after the gate
     verdict: Verdict
+    where: Context  # the thresholds applied, where they came from, who may promote
+    test_sha256: str
+    challenger: str | None = None  # @challenger after the gate
+
+    @property
+    def version(self) -> str:
+        return self.contest.version
 
     @property
     def failed(self) -> list[Check]:
         return [c for c in self.results if not c.passed]
 
 
-def decide(failed: bool, already: bool, may_promote: bool) -> Verdict:
-    if failed:
+def decide(results: Sequence[Check], contest: Contest, where: Context) -> Verdict:
+    if any(not c.passed for c in results):
         return Verdict.REJECTED
-    if already:
+    if contest.champion_version == contest.version:
         return Verdict.ALREADY
-    return Verdict.PROMOTED if may_promote else Verdict.APPROVED
+    return Verdict.PROMOTED if where.may_promote else Verdict.APPROVED
+
+
+def judge(name: str, contest: Contest, where: Context, test_sha256: str) -> Outcome:
+    """The checks by the thresholds `where` applies, and the verdict."""
+    results = checks(where.gates, contest.new, comparison=contest.comparison, high=contest.high)
+    return Outcome(
+        name=name,
+        contest=contest,
+        results=results,
+        verdict=decide(results, contest, where),
+        where=where,
+        test_sha256=test_sha256,
+    )

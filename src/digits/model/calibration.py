@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from digits.core.metrics import DIGITS, Calibration
 from digits.model.inference import calibrated, softmax
 
 BINS = 15
@@ -76,15 +77,18 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = BINS) -> float:
     return float(sum(r["count"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows))
 
 
-def summary(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict:
+def summary(logits: np.ndarray, y: np.ndarray, temperature: float) -> Calibration:
     """ECE and NLL before (T = 1) and after temperature scaling, rounded for the report files."""
-    from digits.core.metrics import DIGITS
-
     before, after = softmax(logits), calibrated(logits, temperature)
-    return {
-        "temperature": temperature,
-        "ece_before": round(ece(before, y), DIGITS),
-        "ece": round(ece(after, y), DIGITS),
-        "nll_before": round(nll(logits, y), DIGITS),
-        "nll": round(nll(logits, y, temperature), DIGITS),
-    }
+    return Calibration(
+        temperature=temperature,
+        ece_before=round(ece(before, y), DIGITS),
+        ece=round(ece(after, y), DIGITS),
+        nll_before=round(nll(logits, y), DIGITS),
+        nll=round(nll(logits, y, temperature), DIGITS),
+    )
+
+
+def of_probabilities(probs: np.ndarray, y: np.ndarray) -> Calibration:
+    """The ECE alone, of a model known only by its probabilities (no logits, no temperature)."""
+    return Calibration(ece=round(ece(probs, y), DIGITS))

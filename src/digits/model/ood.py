@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from digits.core.metrics import DIGITS
+from digits.core.metrics import DIGITS, Refusal
 
 
 def score(probs: np.ndarray) -> np.ndarray:
@@ -56,18 +56,18 @@ def fpr_at_tpr(digits: np.ndarray, outliers: np.ndarray, tpr: float = 0.95) -> f
     return float((np.asarray(outliers) >= t).mean())
 
 
-def measure(digit_probs: np.ndarray, suite: dict[str, np.ndarray], threshold: float) -> dict:
+def measure(digit_probs: np.ndarray, suite: dict[str, np.ndarray], threshold: float) -> Refusal:
     """What the evaluate stage reports: AUROC and FPR95 over the whole suite, the share of
     test digits the threshold refuses, and per kind the share of outliers it refuses."""
     digits = score(digit_probs)
     per_kind = {kind: score(p) for kind, p in suite.items()}
     everything = np.concatenate(list(per_kind.values()))
-    return {
-        "threshold": threshold,
-        "auroc": round(auroc(digits, everything), DIGITS),
-        "fpr95": round(fpr_at_tpr(digits, everything), DIGITS),
-        "refused_digits": round(float((digits < threshold).mean()), DIGITS),
-        "refused_outliers": round(float((everything < threshold).mean()), DIGITS),
-        "refused": {k: round(float((s < threshold).mean()), DIGITS) for k, s in per_kind.items()},
-        "outliers": len(everything),
-    }
+    return Refusal(
+        threshold=threshold,
+        auroc=round(auroc(digits, everything), DIGITS),
+        fpr95=round(fpr_at_tpr(digits, everything), DIGITS),
+        refused_digits=round(float((digits < threshold).mean()), DIGITS),
+        refused_outliers=round(float((everything < threshold).mean()), DIGITS),
+        refused={k: round(float((s < threshold).mean()), DIGITS) for k, s in per_kind.items()},
+        outliers=len(everything),
+    )

@@ -10,13 +10,15 @@ A record is used only while its key matches what would be scored now:
 - `model_sha256`: the model's files as the registry serves them (downloaded, then hashed), so a
   changed artifact is scored again;
 - `test_sha256`: the processed test set's file;
-- `scorer_sha256`: the scoring code (SCORER_MODULES: metrics, calibration, the outlier suite),
-  so a changed definition of accuracy, loss or FPR95 scores everything again.
-The corruption accuracies ride along with their own key, the sha256 of digits/robustness.py.
+- `scorer_sha256`: the scoring code (SCORER_MODULES: the scorer that composes the record, the
+  metrics and their records, calibration, the outlier suite), so a changed definition of
+  accuracy, loss or FPR95, or a change in what a score holds, scores everything again.
+The corruption accuracies ride along with their own key, the sha256 of scoring/robustness.py
+and model/augment.py (whose `square_mask` the occlusion uses).
 A record whose accuracy disagrees with its own per-image results is not trusted either.
 
-Only numpy and the standard library at import (MLflow inside `download_model`): the gate
-imports this without torch."""
+Only numpy, the standard library and the records (digits.core.metrics) at import (MLflow
+inside `download_model`): the gate imports this without torch."""
 
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ import base64
 import hashlib
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from digits.core.files import file_digest
+from digits.core.metrics import Evaluation
 
 CACHE_TAG = "gate.score"
 CACHE_FORMAT = 1  # of the record in CACHE_TAG: bump when what a score means changes
@@ -38,16 +41,15 @@ CACHE_FORMAT = 1  # of the record in CACHE_TAG: bump when what a score means cha
 @dataclass(kw_only=True)
 class Score:
     version: str
-    metrics: dict  # compute_metrics's dict: accuracy, loss, per_class, ...
+    evaluation: Evaluation  # robustness in it only when the record has current ones
     correct: np.ndarray  # bool per test image: the prediction was right
     model_sha256: str
     cached: bool = False  # read from the record, not computed in this process
     by: str = "gate"  # who computed it: "evaluate" (the stage that registered it) or "gate"
-    robustness: dict | None = None  # corruption_accuracies, when the record has current ones
 
     @property
     def accuracy(self) -> float:
-        return self.metrics["accuracy"]
+        return self.evaluation.accuracy
 
 
 def files_sha256(folder: Path) -> str:
@@ -70,10 +72,12 @@ def download_model(name: str, version: str, dst: str) -> Path:
     )
 
 
-# the code a score's numbers come from: the metrics, the calibration error, the outlier suite
-# and its measures (read as text: importing them would load Pillow and matplotlib's fonts)
+# the code a score's numbers come from: the scorer that composes the record, the metrics and
+# the records, the calibration error, the outlier suite and its measures (read as text:
+# importing them would load Pillow and matplotlib's fonts)
 PACKAGE = Path(__file__).parent.parent  # src/digits: the paths below are relative to it
 SCORER_MODULES = (
+    "scoring/scorer.py",
     "core/metrics.py",
     "model/calibration.py",
     "model/ood.py",
@@ -96,8 +100,9 @@ def scorer_sha256() -> str:
 
 
 def robustness_sha256() -> str:
-    """The corruption suite's identity (its file, read as text: importing it loads torchvision)."""
-    return _code_sha256("scoring/robustness.py")
+    """The corruption suite's identity (its files, read as text: importing them loads torchvision;
+    the occlusion's square comes from the augmentation's `square_mask`)."""
+    return _code_sha256("scoring/robustness.py", "model/augment.py")
 
 
 def encode_correct(correct: np.ndarray) -> str:
@@ -117,17 +122,19 @@ def cache_record(score: Score, test_sha256: str) -> str:
         "test_sha256": test_sha256,
         "scorer_sha256": scorer_sha256(),
         "n": len(score.correct),
-        "metrics": score.metrics,
+        "metrics": score.evaluation.to_dict(robustness=False),
         "correct": encode_correct(score.correct),
         "by": score.by,
     }
-    if score.robustness is not None:
-        rec["robustness"] = score.robustness
+    if score.evaluation.robustness is not None:
+        rec["robustness"] = asdict(score.evaluation.robustness)
         rec["robustness_sha256"] = robustness_sha256()
     return json.dumps(rec, sort_keys=True)
 
 
-def from_cache(text: str | None, version: str, model_sha256: str, test_sha256: str, n: int):
+def from_cache(
+    text: str | None, version: str, model_sha256: str, test_sha256: str, n: int
+) -> Score | None:
     """The Score in a cache record whose key matches, else None."""
     try:
         rec = json.loads(text or "")
@@ -135,21 +142,20 @@ def from_cache(text: str | None, version: str, model_sha256: str, test_sha256: s
         if key != (CACHE_FORMAT, model_sha256, test_sha256, scorer_sha256()) or rec["n"] != n:
             return None
         correct = decode_correct(rec["correct"], n)
-        metrics = rec["metrics"]
+        # corruption accuracies from other code than today's are left out (scored again if due)
+        current = rec.get("robustness_sha256") == robustness_sha256()
+        robustness = rec.get("robustness") if current else None
+        evaluation = Evaluation.from_dict(rec["metrics"], robustness)
         # a record that contradicts itself is not trusted
-        if len(correct) != n or round(float(correct.mean()), 6) != metrics["accuracy"]:
+        if len(correct) != n or round(float(correct.mean()), 6) != evaluation.accuracy:
             return None
-        robustness = rec.get("robustness")
-        if rec.get("robustness_sha256") != robustness_sha256():
-            robustness = None
         return Score(
             version=version,
-            metrics=metrics,
+            evaluation=evaluation,
             correct=correct,
             model_sha256=model_sha256,
             cached=True,
             by=rec.get("by", "gate"),
-            robustness=robustness,
         )
-    except (ValueError, KeyError, TypeError, zlib.error):
+    except (ValueError, KeyError, TypeError, AttributeError, zlib.error):
         return None

@@ -11,7 +11,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from digits.core.files import atomic_path
-from digits.core.metrics import confusion_matrix
+from digits.core.metrics import Calibration, Refusal, Robustness, confusion_matrix
 from digits.core.mnist import CLASSES, COLS, ROWS
 from digits.core.reports import Epoch
 
@@ -88,11 +88,11 @@ def plot_misclassified(
     return _save(fig, path)
 
 
-def plot_robustness(robustness: dict, clean_accuracy: float, path: Path) -> Path:
+def plot_robustness(robustness: Robustness, clean_accuracy: float, path: Path) -> Path:
     """Accuracy on each corrupted copy of the test set (digits.scoring.robustness), clean for
     scale."""
-    names = list(robustness["corruptions"])
-    accs = [robustness["corruptions"][n] for n in names]
+    names = list(robustness.corruptions)
+    accs = [robustness.corruptions[n] for n in names]
     fig = Figure(figsize=(7, 5), layout="tight")
     ax = fig.subplots()
     bars = ax.barh(names, accs, color="tab:blue")
@@ -102,23 +102,24 @@ def plot_robustness(robustness: dict, clean_accuracy: float, path: Path) -> Path
     ax.set(
         xlim=(0, 1.12),
         xlabel="test accuracy",
-        title=f"corrupted test sets: mean {robustness['mean']:.2%}, "
-        f"worst {robustness['worst']:.2%}",
+        title=f"corrupted test sets: mean {robustness.mean:.2%}, worst {robustness.worst:.2%}",
     )
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right")
     return _save(fig, path)
 
 
-def plot_reliability(before: list[dict], after: list[dict], summary: dict, path: Path) -> Path:
+def plot_reliability(
+    before: list[dict], after: list[dict], summary: Calibration, path: Path
+) -> Path:
     """Reliability diagram (digits.model.calibration.reliability): accuracy against confidence per
     bin, before and after temperature scaling; on the diagonal a model is calibrated."""
     fig = Figure(figsize=(6, 5.5), layout="tight")
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="calibrated")
     for rows, label, style in (
-        (before, f"T = 1: ECE {summary['ece_before']:.2%}", "o:"),
-        (after, f"T = {summary['temperature']:.3g}: ECE {summary['ece']:.2%}", "s-"),
+        (before, f"T = 1: ECE {summary.ece_before:.2%}", "o:"),
+        (after, f"T = {summary.temperature:.3g}: ECE {summary.ece:.2%}", "s-"),
     ):
         used = [r for r in rows if r["count"]]
         ax.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], style, label=label)
@@ -134,7 +135,9 @@ def plot_reliability(before: list[dict], after: list[dict], summary: dict, path:
     return _save(fig, path)
 
 
-def plot_ood(digit_probs: np.ndarray, suite: dict[str, np.ndarray], ood: dict, path: Path) -> Path:
+def plot_ood(
+    digit_probs: np.ndarray, suite: dict[str, np.ndarray], ood: Refusal, path: Path
+) -> Path:
     """How confident the model is on test digits and on each kind of non-digit, with the
     refusal threshold: everything left of it is "not a digit"."""
     fig = Figure(figsize=(8, 5), layout="tight")
@@ -143,13 +146,13 @@ def plot_ood(digit_probs: np.ndarray, suite: dict[str, np.ndarray], ood: dict, p
     ax.hist(digit_probs.max(1), bins=bins, density=True, alpha=0.5, label="test digits")
     for kind, probs in suite.items():
         ax.hist(probs.max(1), bins=bins, density=True, histtype="step", label=kind)
-    ax.axvline(ood["threshold"], color="black", ls="--", label=f"threshold {ood['threshold']:.3f}")
+    ax.axvline(ood.threshold, color="black", ls="--", label=f"threshold {ood.threshold:.3f}")
     ax.set(
         yscale="log",
         xlabel="confidence (the largest calibrated probability)",
         ylabel="density",
-        title=f"not a digit: AUROC {ood['auroc']:.4f}, FPR95 {ood['fpr95']:.2%}, "
-        f"test digits refused {ood['refused_digits']:.2%}",
+        title=f"not a digit: AUROC {ood.auroc:.4f}, FPR95 {ood.fpr95:.2%}, "
+        f"test digits refused {ood.refused_digits:.2%}",
     )
     ax.legend(fontsize=7, ncol=2, loc="upper center")
     return _save(fig, path)

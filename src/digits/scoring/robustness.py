@@ -36,7 +36,7 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 
 from digits.core.errors import DigitsError
-from digits.core.metrics import DIGITS
+from digits.core.metrics import DIGITS, Robustness
 from digits.core.mnist import COLS, NUM_PIXELS, ROWS
 from digits.model.augment import square_mask
 
@@ -168,7 +168,7 @@ def corrupt(name: str, x, seed: int = 0):
     return out.numpy() if is_numpy else out
 
 
-def corruption_accuracies(predict_probs: Callable, x, y, seed: int = 0) -> dict:
+def corruption_accuracies(predict_probs: Callable, x, y, seed: int = 0) -> Robustness:
     """Accuracy of `predict_probs` ((N, 784) -> (N, 10) probabilities) on every corruption of
     (x, y); `x` is passed on in the kind it came (numpy for an MLflow pyfunc model)."""
     labels = np.asarray(y, dtype=np.int64)
@@ -176,8 +176,8 @@ def corruption_accuracies(predict_probs: Callable, x, y, seed: int = 0) -> dict:
     for name in CORRUPTIONS:
         probs = np.asarray(predict_probs(corrupt(name, x, seed)))
         accs[name] = round(float((probs.argmax(1) == labels).mean()), DIGITS)
-    return {
-        "mean": round(float(np.mean(list(accs.values()))), DIGITS),
-        "worst": min(accs.values()),
-        "corruptions": accs,
-    }
+    return Robustness(
+        mean=round(float(np.mean(list(accs.values()))), DIGITS),
+        worst=min(accs.values()),
+        corruptions=accs,
+    )

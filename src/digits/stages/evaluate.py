@@ -2,32 +2,31 @@
 calibration, the outlier suite (does it say "not a digit"?), the corruption suite, the figures,
 and the MLflow run's test metrics and registered version.
 
-Scoring runs the model as users run it (digits.model.inference, numpy): the probabilities scored
-here are the ones the registered version serves. torch loads only for the corruption suite."""
+Scoring runs the model as users run it (digits.model.inference, numpy), through the scorer the
+gate uses too (digits.scoring.scorer): the probabilities scored here are the ones the
+registered version serves. torch loads only for the corruption suite."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from digits.core.metrics import compute_metrics
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from digits.core.config import Params
+    from digits.core.metrics import Evaluation
+    from digits.core.reports import Epoch
+    from digits.scoring.scorer import Scored
+    from digits.tracking.store import Store
 
 
-def run(params: Params) -> dict:
+def run(params: Params) -> Evaluation:
     """Model + test set -> metrics, predictions, figures, MLflow run and a new version."""
-    from digits.core.files import FIGURES, HISTORY, METRICS, MODEL, PREDICTIONS, TEST_DATA
-    from digits.core.reports import read_history, write_metrics, write_predictions
-    from digits.data import outliers
+    from digits.core.files import HISTORY, MODEL, TEST_DATA
+    from digits.core.reports import read_history
     from digits.data.preprocess import file_digest, load_arrays
-    from digits.model import calibration, ood
-    from digits.model.inference import Classifier, calibrated, softmax
-    from digits.scoring import figures
-    from digits.scoring.robustness import corruption_accuracies
     from digits.tracking import runs as tracking
 
     model_sha256 = file_digest(MODEL)
@@ -37,107 +36,143 @@ def run(params: Params) -> dict:
         store,
         run_id,
     ):
-        classifier = Classifier.from_file(MODEL)
         x, y = load_arrays(TEST_DATA, "test")
-        logits = classifier.logits(x)
-        probs = calibrated(logits, classifier.temperature)
-        pred = probs.argmax(1)
-        metrics = compute_metrics(probs, y)
-        metrics["calibration"] = calibration.summary(logits, y, classifier.temperature)
-        suite = outliers.outlier_set("suite", params.evaluate.outliers_per_kind, x)
-        suite_probs = {kind: classifier.probabilities(images) for kind, images in suite.items()}
-        metrics["ood"] = ood.measure(probs, suite_probs, classifier.threshold)
-        metrics["robustness"] = corruption_accuracies(classifier.probabilities, x, y)
-        drawn = [
-            figures.plot_history(history, FIGURES / "training_curves.png"),
-            figures.plot_confusion(y, pred, FIGURES / "confusion_matrix.png"),
-            figures.plot_misclassified(
-                x, y, probs, params.evaluate.misclassified_shown, FIGURES / "misclassified.png"
-            ),
-            figures.plot_robustness(
-                metrics["robustness"], metrics["accuracy"], FIGURES / "robustness.png"
-            ),
-            figures.plot_reliability(
-                calibration.reliability(softmax(logits), y),
-                calibration.reliability(probs, y),
-                metrics["calibration"],
-                FIGURES / "reliability.png",
-            ),
-            figures.plot_ood(probs, suite_probs, metrics["ood"], FIGURES / "ood.png"),
-        ]
-        write_predictions(PREDICTIONS, y.tolist(), pred.tolist())
-        write_metrics(METRICS, metrics)
-        cal, o, r = metrics["calibration"], metrics["ood"], metrics["robustness"]
-        print(
-            f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
-            f"macro F1 {metrics['macro_f1']:.4f}; ECE {cal['ece']:.4f} (T = "
-            f"{cal['temperature']:.3g}; {cal['ece_before']:.4f} before); not a digit: FPR95 "
-            f"{o['fpr95']:.4f}, AUROC {o['auroc']:.4f}, test digits refused "
-            f"{o['refused_digits']:.4f}; corrupted: mean {r['mean']:.4f}, worst {r['worst']:.4f}"
-        )
+        scored = score(params, x, y)
+        drawn = draw(scored, x, history, params.evaluate.misclassified_shown)
+        write_reports(scored)
+        print(summary(scored.evaluation))
         test_sha256 = file_digest(TEST_DATA)
-        tracking.log_evaluation(store, run_id, metrics, drawn, test_sha256, len(y))
+        tracking.log_evaluation(store, run_id, scored.evaluation, drawn, test_sha256, len(y))
         version = register(
-            store,
-            params,
-            run_id,
-            metrics=metrics,
-            correct=pred == y,
-            model_sha256=model_sha256,
-            test_sha256=test_sha256,
+            store, params, run_id, scored=scored, model_sha256=model_sha256, test_sha256=test_sha256
         )
     print(f"evaluate: MLflow run {run_id}; registered {params.mlflow.registered_model} v{version}")
-    return metrics
+    return scored.evaluation
+
+
+def score(params: Params, x: np.ndarray, y: np.ndarray) -> Scored:
+    """The trained model, measured on everything: metrics, calibration, both suites."""
+    from digits.core.files import MODEL
+    from digits.model.inference import Classifier
+    from digits.scoring.scorer import Suites
+    from digits.scoring.scorer import score as score_model
+
+    suites = Suites(outliers_per_kind=params.evaluate.outliers_per_kind, robustness=True)
+    return score_model(Classifier.from_file(MODEL), x, y, suites)
+
+
+def draw(scored: Scored, x: np.ndarray, history: Sequence[Epoch], shown: int) -> list[Path]:
+    """The figures (reports/figures/), in the order the run lists them."""
+    from digits.core.files import FIGURES
+    from digits.model.calibration import reliability
+    from digits.scoring import figures
+
+    ev, y, probs = scored.evaluation, scored.labels, scored.probs
+    assert ev.calibration and ev.ood and ev.robustness and scored.uncalibrated is not None
+    return [
+        figures.plot_history(list(history), FIGURES / "training_curves.png"),
+        figures.plot_confusion(y, probs.argmax(1), FIGURES / "confusion_matrix.png"),
+        figures.plot_misclassified(x, y, probs, shown, FIGURES / "misclassified.png"),
+        figures.plot_robustness(ev.robustness, ev.accuracy, FIGURES / "robustness.png"),
+        figures.plot_reliability(
+            reliability(scored.uncalibrated, y),
+            reliability(probs, y),
+            ev.calibration,
+            FIGURES / "reliability.png",
+        ),
+        figures.plot_ood(probs, scored.suite_probs, ev.ood, FIGURES / "ood.png"),
+    ]
+
+
+def write_reports(scored: Scored) -> None:
+    """reports/metrics.json and reports/predictions.csv (DVC tracks both)."""
+    from digits.core.files import METRICS, PREDICTIONS
+    from digits.core.reports import write_metrics, write_predictions
+
+    y = scored.labels
+    write_predictions(PREDICTIONS, y.tolist(), scored.probs.argmax(1).tolist())
+    write_metrics(METRICS, scored.evaluation)
+
+
+def summary(ev: Evaluation) -> str:
+    """The stage's one line of results."""
+    m, cal, o, r = ev.metrics, ev.calibration, ev.ood, ev.robustness
+    assert cal is not None and o is not None and r is not None
+    return (
+        f"evaluate: test accuracy {m.accuracy:.4f}, loss {m.loss:.4f}, "
+        f"macro F1 {m.macro_f1:.4f}; ECE {cal.ece:.4f} (T = "
+        f"{cal.temperature:.3g}; {cal.ece_before:.4f} before); not a digit: FPR95 "
+        f"{o.fpr95:.4f}, AUROC {o.auroc:.4f}, test digits refused "
+        f"{o.refused_digits:.4f}; corrupted: mean {r.mean:.4f}, worst {r.worst:.4f}"
+    )
 
 
 def register(
-    store,
-    params,
+    store: Store,
+    params: Params,
     run_id: str,
     *,
-    metrics: dict,
-    correct: np.ndarray,
+    scored: Scored,
     model_sha256: str,
     test_sha256: str,
 ) -> str:
     """Log the model into the run and register it as a new version, tagged with what it was
     made from and scored at: the score record (digits.scoring.cache) the gate reads instead of
-    scoring it again, keyed by the version's files as the registry now serves them."""
-    import tempfile
+    scoring it again, keyed by the version's files as the registry now serves them.
 
+    Only registering and tagging hold the store's write lock (digits.tracking.store): the model's
+    upload and the download that keys its record do not. The lock is for the version number
+    (read, then written) and the schema's creation; the few rows that logging the model writes
+    wait on SQLite's own lock, as any MLflow client's do."""
     from digits.core.files import MODEL
-    from digits.scoring import cache as scores
-    from digits.tracking import pyfunc as serving
-    from digits.tracking import registry
+    from digits.scoring import cache
+    from digits.tracking import pyfunc
 
     name = params.mlflow.registered_model
+    model_uri = pyfunc.log_model(Path(MODEL), run_id)
     with store.writing() as client:
-        version = serving.log_and_register(Path(MODEL), name)
-        serving.describe_registered_model(client, name)
-        run = client.get_run(run_id)
-        tags = {
-            registry.MODEL_TAG: model_sha256,
-            "data.test_sha256": test_sha256,
-            "run_id": run_id,
-            "run_name": run.info.run_name,
-            "git_commit": run.data.tags.get("git_commit", ""),
-            "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
-            "test_accuracy": str(metrics["accuracy"]),
-        }
+        version = pyfunc.register(model_uri, name)
+        pyfunc.describe_registered_model(client, name)
+        tags = version_tags(client, run_id, scored, model_sha256, test_sha256)
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
-        with tempfile.TemporaryDirectory(prefix="digits-evaluate-") as tmp:
-            sha = scores.files_sha256(scores.download_model(name, version, tmp))
-        plain = {k: v for k, v in metrics.items() if k != "robustness"}  # ood, calibration in
-        score = scores.Score(
-            version=version,
-            metrics=plain,
-            correct=np.asarray(correct, bool),
-            model_sha256=sha,
-            by="evaluate",
-            robustness=metrics["robustness"],
-        )
+    served = cache.Score(
+        version=version,
+        evaluation=scored.evaluation,
+        correct=scored.correct,
+        model_sha256=served_sha256(name, version),
+        by="evaluate",
+    )
+    with store.writing() as client:
         client.set_model_version_tag(
-            name, version, scores.CACHE_TAG, scores.cache_record(score, test_sha256)
+            name, version, cache.CACHE_TAG, cache.cache_record(served, test_sha256)
         )
     return version
+
+
+def version_tags(
+    client, run_id: str, scored: Scored, model_sha256: str, test_sha256: str
+) -> dict[str, str]:
+    """What a version was made from: the model file, the test data, its run and commit."""
+    from digits.tracking import registry
+
+    run = client.get_run(run_id)
+    return {
+        registry.MODEL_TAG: model_sha256,
+        "data.test_sha256": test_sha256,
+        "run_id": run_id,
+        "run_name": run.info.run_name,
+        "git_commit": run.data.tags.get("git_commit", ""),
+        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+        "test_accuracy": str(scored.evaluation.accuracy),
+    }
+
+
+def served_sha256(name: str, version: str) -> str:
+    """The sha256 of the version's files as the registry serves them (the score cache's key)."""
+    import tempfile
+
+    from digits.scoring import cache
+
+    with tempfile.TemporaryDirectory(prefix="digits-evaluate-") as tmp:
+        return cache.files_sha256(cache.download_model(name, version, tmp))

@@ -73,10 +73,12 @@ def requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def log_and_register(weights: Path, name: str) -> str:
-    """Log the model of `weights` into the active run and register it as a new version of
-    `name`; returns the version."""
+def log_model(weights: Path, run_id: str) -> str:
+    """Log the model of `weights` into run `run_id` (uploading its files); returns its URI,
+    `models:/<model id>`, for `register`. Nothing here reads MLflow's "active run" or
+    "active experiment": the model goes to the run's experiment, from any thread."""
     import mlflow
+    from mlflow.models import Model
 
     package = Path(__file__).parent.parent  # src/digits
     with tempfile.TemporaryDirectory(prefix="digits-model-") as tmp:
@@ -85,19 +87,44 @@ def log_and_register(weights: Path, name: str) -> str:
         for module in SERVED_MODULES:
             (code / module).parent.mkdir(exist_ok=True)
             shutil.copy2(package / module, code / module)
+        run = mlflow.MlflowClient().get_run(run_id)
+        # created here, not by Model.log, which would file it under the active experiment (or
+        # the Default one) whatever run it names; with the run's params, as Model.log does
+        logged = mlflow.initialize_logged_model(
+            name="model",
+            source_run_id=run_id,
+            params=dict(run.data.params),
+            experiment_id=run.info.experiment_id,
+        )
         with warnings.catch_warnings():  # type hints and input examples: we give a signature
             warnings.simplefilter("ignore", UserWarning)
-            info = mlflow.pyfunc.log_model(
+            # Model.log: what mlflow.pyfunc.log_model calls, with the run named, not "active"
+            info = Model.log(
+                artifact_path=None,  # deprecated by MLflow for `name`, and still required
                 name="model",
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
                 python_model=str(CODE_FILE),
                 artifacts={WEIGHTS_ARTIFACT: str(weights)},
                 code_paths=[str(code)],
                 signature=signature(),
                 pip_requirements=requirements(),
-                registered_model_name=name,
-                await_registration_for=60,
             )
-    return str(info.registered_model_version)
+    return str(info.model_uri)
+
+
+def register(model_uri: str, name: str) -> str:
+    """A new version of `name` from a logged model; returns the version. Under the store's
+    write lock: the version number is read, then written."""
+    import mlflow
+
+    return str(mlflow.register_model(model_uri, name, await_registration_for=60).version)
+
+
+def log_and_register(weights: Path, name: str, run_id: str) -> str:
+    """`log_model`, then `register` (for a caller with no lock to mind); returns the version."""
+    return register(log_model(weights, run_id), name)
 
 
 def describe_registered_model(client, name: str) -> None:

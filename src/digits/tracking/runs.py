@@ -21,13 +21,15 @@ import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from digits.core import provenance
 from digits.core.config import Params, flat_params
 from digits.core.errors import sigterm_raises
 from digits.core.files import repo_root
+from digits.core.metrics import Evaluation
 from digits.core.reports import Epoch
 from digits.core.settings import DIGITS_SWEEP
 from digits.tracking import lineage, registry
@@ -243,20 +245,27 @@ def training_run(params: Params, data: TrainingData, resume_run: str = "") -> It
 # --- the evaluate stage ---------------------------------------------------------------------
 
 
-def evaluation_metrics(metrics: dict) -> dict[str, float]:
+def evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
     """Headline metrics as `test_<name>`; per-class ones as `test_class/<digit>/<metric>`, the
     calibration's as `calibration/...`, the outlier suite's as `ood/...` (`ood/refused/<kind>`)
     and the corruption suite's as `robustness/...`, so MLflow groups them by prefix."""
-    out = {f"test_{k}": v for k, v in metrics.items() if not isinstance(v, dict)}
-    for digit, per_class in metrics["per_class"].items():
-        out.update({f"test_class/{digit}/{m}": v for m, v in per_class.items()})
-    out.update({f"calibration/{k}": v for k, v in (metrics.get("calibration") or {}).items()})
-    ood = metrics.get("ood") or {}
-    out.update({f"ood/{k}": v for k, v in ood.items() if not isinstance(v, dict)})
-    out.update({f"ood/refused/{k}": v for k, v in ood.get("refused", {}).items()})
-    robustness = metrics.get("robustness") or {}
-    out.update({f"robustness/{k}": v for k, v in robustness.items() if not isinstance(v, dict)})
-    out.update({f"robustness/{k}": v for k, v in robustness.get("corruptions", {}).items()})
+    m, cal, ood, robust = (
+        evaluation.metrics,
+        evaluation.calibration,
+        evaluation.ood,
+        evaluation.robustness,
+    )
+    out = {"test_accuracy": m.accuracy, "test_loss": m.loss, "test_macro_f1": m.macro_f1}
+    for digit, scores in m.per_class.items():
+        out.update({f"test_class/{digit}/{k}": v for k, v in asdict(scores).items()})
+    if cal is not None:
+        out.update({f"calibration/{k}": v for k, v in cal.to_dict().items()})
+    if ood is not None:
+        out.update({f"ood/{k}": v for k, v in asdict(ood).items() if not isinstance(v, dict)})
+        out.update({f"ood/refused/{k}": v for k, v in ood.refused.items()})
+    if robust is not None:
+        out.update({"robustness/mean": robust.mean, "robustness/worst": robust.worst})
+        out.update({f"robustness/{k}": v for k, v in robust.corruptions.items()})
     return {k: float(v) for k, v in out.items()}
 
 
@@ -312,13 +321,18 @@ def evaluation_run(
 
 
 def log_evaluation(
-    store: Store, run_id: str, metrics: dict, figures: Sequence, test_sha256: str, test_rows: int
+    store: Store,
+    run_id: str,
+    evaluation: Evaluation,
+    figures: Sequence,
+    test_sha256: str,
+    test_rows: int,
 ) -> None:
     """The test metrics, the test set as an input, and the figures, into the run."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    rows = [Metric(k, v, now, 0) for k, v in evaluation_metrics(metrics).items()]
+    rows = [Metric(k, v, now, 0) for k, v in evaluation_metrics(evaluation).items()]
     with store.writing() as client:
         for i in range(0, len(rows), 900):
             client.log_batch(run_id, metrics=rows[i : i + 900])
@@ -332,11 +346,13 @@ def log_evaluation(
 # --- the gate -------------------------------------------------------------------------------
 
 
-def log_gate(store: Store, run_id: str, outcome, report) -> None:
+def log_gate(
+    store: Store, run_id: str, *, passed: bool, verdict: str, thresholds: str, report: Path
+) -> None:
     """The gate's verdict on the run that registered the version: `gate/passed` (1 or 0),
     the verdict and thresholds as tags, the report as an artifact."""
     with store.writing() as client:
-        client.log_metric(run_id, "gate/passed", 0.0 if outcome.failed else 1.0)
-        client.set_tag(run_id, "gate.verdict", outcome.verdict.value)
-        client.set_tag(run_id, "gate.thresholds", outcome.thresholds)
+        client.log_metric(run_id, "gate/passed", 1.0 if passed else 0.0)
+        client.set_tag(run_id, "gate.verdict", verdict)
+        client.set_tag(run_id, "gate.thresholds", thresholds)
         client.log_artifact(run_id, str(report))
