@@ -320,18 +320,18 @@ def test_a_developer_logs_runs_and_registers_candidates_but_not_production(
 
 @pytest.fixture(scope="module")
 def production(team, candidates):
-    """The release identity copies both candidates into the production model (tags and lineage
-    kept) and promotes the first, then the second, with `digits promote`."""
+    """The release identity promotes the first candidate, then the second, with `digits
+    promote`: each is copied into the production model (tags and lineage kept) and crowned."""
+    outs = [promote(team, "rel", v, "--reason", f"release {v}") for v in candidates]
     client = client_as(team, "rel")
     try:
-        versions = [
-            str(client.copy_model_version(f"models:/{CANDIDATES}/{v}", MODEL).version)
-            for v in candidates
-        ]
+        copied = {
+            v.tags.get("digits.copied_from"): str(v.version)
+            for v in client.search_model_versions(f"name='{MODEL}'")
+        }
     finally:
         client_as(team, None)
-    outs = [promote(team, "rel", v, "--reason", f"release {v}") for v in versions]
-    return versions, outs
+    return [copied.get(f"{CANDIDATES}/{v}") for v in candidates], outs
 
 
 @pytest.mark.slow
@@ -339,7 +339,14 @@ def test_the_release_identity_promotes_and_rolls_back(team, production, as_user)
     versions, outs = production
     for out in outs:
         assert out.returncode == 0, out.stdout + out.stderr
+    assert None not in versions
+    first = outs[0].stdout.splitlines()
+    assert first[0] == f"{CANDIDATES} version 1 is {MODEL} version {versions[0]}"
+    assert first[1].startswith(f"{MODEL} version {versions[0]} is now @champion (the first")
     rel = as_user("rel")
+    lineage = rel.get_model_version(CANDIDATES, "2")
+    assert lineage.tags["digits.promoted_as"] == f"{MODEL}/{versions[1]}"
+    assert rel.get_model_version(MODEL, versions[1]).run_id == lineage.run_id
     assert rel.get_model_version_by_alias(MODEL, "champion").version == versions[1]
     copied = rel.get_model_version(MODEL, versions[1])
     assert copied.tags["validation_status"] == "approved"
@@ -347,9 +354,10 @@ def test_the_release_identity_promotes_and_rolls_back(team, production, as_user)
     back = promote(team, "rel", "--rollback", "--reason", "the newer one misreads sevens")
     assert back.returncode == 0, back.stdout + back.stderr
     assert rel.get_model_version_by_alias(MODEL, "champion").version == versions[0]
-    again = promote(team, "rel", versions[1], "--reason", "fixed")
+    again = promote(team, "rel", "2", "--reason", "fixed")  # candidate 2: its copy, not a new one
     assert again.returncode == 0, again.stdout + again.stderr
     assert rel.get_model_version_by_alias(MODEL, "champion").version == versions[1]
+    assert len(rel.search_model_versions(f"name='{MODEL}'")) == 2
 
 
 @pytest.mark.slow
@@ -363,7 +371,7 @@ def test_a_developer_cannot_move_the_champion_by_any_route(team, production, as_
     assert forbidden(lambda: dave.delete_registered_model_alias(MODEL, "champion")) == 403
     assert forbidden(lambda: dave.delete_model_version(MODEL, champion)) == 403
     assert forbidden(lambda: dave.set_model_version_tag(MODEL, other, "promoted_at", "now")) == 403
-    for args in ((other, "--reason", "mine is better"), ("--rollback", "--reason", "undo")):
+    for args in (("1", "--reason", "mine is better"), ("--rollback", "--reason", "undo")):
         out = promote(team, "dave", *args)
         assert out.returncode == 1, out.stdout
         lines = out.stderr.strip().splitlines()

@@ -25,19 +25,15 @@ from pathlib import Path
 
 from digits.core import settings
 from digits.core.errors import DigitsError, first_line
+from digits.tracking.registry import candidates_of
 
 ADMIN = "admin"  # the admin's login, as MLflow's basic_auth.ini names it
 MIN_PASSWORD = 12  # MLflow's own rule (mlflow.utils.validation._validate_password)
-CANDIDATES_SUFFIX = "-candidates"  # the model every pipeline version is registered in
 DEFAULT_EXPERIMENT, DEFAULT_MODEL = "mnist", "mnist-mlp"  # params.yaml's mlflow section
 
 
 class AuthError(DigitsError):
     pass
-
-
-def candidates_of(model: str) -> str:
-    return model + CANDIDATES_SUFFIX
 
 
 def is_loopback(host: str) -> bool:

@@ -25,6 +25,7 @@ from digits.core import http, settings
 from digits.core.errors import first_line
 from digits.team import auth
 from digits.team.auth import AuthError
+from digits.tracking.registry import candidates_of
 
 # (experiment, candidates model, production model)
 ROLES: dict[str, tuple[str, str, str]] = {
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> int:
     grants = ROLES[args.role]
     print(
         f"digits server: user {args.name} ({args.role}) on {url}: {grants[0]} on experiment "
-        f"{args.experiment}, {grants[1]} on {auth.candidates_of(args.model)}, {grants[2]} on "
+        f"{args.experiment}, {grants[1]} on {candidates_of(args.model)}, {grants[2]} on "
         f"{args.model}"
     )
     return 0
@@ -131,7 +132,7 @@ def add(
         try:
             client.grant_user_permission(name, "experiment", exp_id, on_experiment)
             client.grant_user_permission(
-                name, "registered_model", auth.candidates_of(model), on_candidates
+                name, "registered_model", candidates_of(model), on_candidates
             )
             client.grant_user_permission(name, "registered_model", model, on_model)
         except MlflowException as e:
