@@ -139,7 +139,8 @@ def update_challenger(client, name: str) -> str | None:
         v
         for v in versions(client, name)
         if v.tags.get(STATUS) == APPROVED and PROMOTED_AT not in v.tags
-    ]
+        and PROMOTED_AS not in v.tags  # a candidate copied into production was promoted
+    ]  # fmt: skip
     best = max(candidates, key=lambda v: (accuracy_of(v), int(v.version)), default=None)
     current = alias_version(client, name, CHALLENGER)
     if best is None:
@@ -173,3 +174,20 @@ def copy_to_production(client, name: str, candidate: str) -> str:
     client.set_model_version_tag(name, copied, COPIED_FROM, origin)
     client.set_model_version_tag(source, candidate, PROMOTED_AS, f"{name}/{copied}")
     return copied
+
+
+def registers_in(client, name: str) -> str:
+    """The model the pipeline registers its versions in and the gate judges: the candidates
+    model where the store keeps one apart (a team server), else the production model `name`."""
+    return candidates_of(name) if has_candidates(client, name) else name
+
+
+def as_judged(client, production: str, judged: str, version: str | None) -> str | None:
+    """A version of the production model as the judged model numbers it: itself when they are
+    one model, else the candidate it was copied from (None for one that was not)."""
+    if version is None or judged == production:
+        return version
+    source, _, number = (
+        client.get_model_version(production, version).tags.get(COPIED_FROM, "").rpartition("/")
+    )
+    return number if source == judged else None
