@@ -9,6 +9,7 @@ What each role may do is the table in docs/team.md#logins-and-roles."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -219,7 +220,7 @@ def test_users_are_made_with_their_roles(team):
         f"{CANDIDATES}, READ on {MODEL}",
         f"digits server: user dave (developer) on {url}: EDIT on experiment mnist, EDIT on "
         f"{CANDIDATES}, READ on {MODEL}",
-        f"digits server: user rel (release) on {url}: EDIT on experiment mnist, EDIT on "
+        f"digits server: user rel (release) on {url}: EDIT on experiment mnist, MANAGE on "
         f"{CANDIDATES}, MANAGE on {MODEL}",
     ]
     again = digits(
@@ -277,6 +278,73 @@ def test_a_wrong_password_says_nothing_of_who_exists(team):
     assert known == unknown
 
 
+# --- the pipeline: a developer's run registers a candidate, only the release's crowns it --------
+
+
+@pytest.fixture(scope="module")
+def pipeline(team, mnist_local):
+    """A clone run by the developer on a branch (a candidate, approved: @challenger), the gate
+    run again by the developer on main (promotion refused by the server), then by the release
+    identity on main (the candidate copied into production and crowned)."""
+    from helpers import SHORT_RUN, dvc, git, make_project, project_env, set_params
+
+    project = make_project(team["root"] / "clone")
+    base = {**project_env(project, str(mnist_local)), "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": team["server"].url}  # fmt: skip
+    as_ = lambda user: {**base, "MLFLOW_TRACKING_USERNAME": user,  # noqa: E731
+                        "MLFLOW_TRACKING_PASSWORD": team["passwords"][user]}  # fmt: skip
+    set_params(project, **SHORT_RUN)
+    git(project, "commit", "-qam", "one epoch, relaxed gates")
+    git(project, "checkout", "-qb", "feature")
+
+    def in_production() -> int:
+        try:
+            return len(client_as(team, "rita").search_model_versions(f"name='{MODEL}'"))
+        finally:
+            client_as(team, None)
+
+    developer = dvc(project, "repro", env=as_("dave"), check=False)
+    developer.in_production = in_production()  # type: ignore[attr-defined]
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "a run on a branch")
+    git(project, "checkout", "-q", "main")
+    git(project, "merge", "-q", "feature")
+    refused = dvc(project, "repro", "--force", "-s", "gate", env=as_("dave"), check=False)
+    refused.in_production = in_production()  # type: ignore[attr-defined]
+    crowned = dvc(project, "repro", "--force", "-s", "gate", env=as_("rel"), check=False)
+    return developer, refused, crowned
+
+
+@pytest.mark.slow
+def test_the_pipeline_registers_candidates_and_only_the_release_promotes(team, pipeline, as_user):
+    developer, refused, crowned = pipeline
+    url = team["server"].url
+    assert developer.returncode == 0, developer.stdout[-3000:] + developer.stderr[-3000:]
+    assert f"registered {CANDIDATES} v1" in developer.stdout
+    dave = as_user("dave")
+    candidate = dave.get_model_version(CANDIDATES, "1")
+    assert candidate.tags["validation_status"] == "approved"
+    assert dave.get_model_version_by_alias(CANDIDATES, "challenger").version == "1"
+    assert developer.in_production == 0  # nothing in production
+
+    # the developer on a clean main: the gate would promote, the server says no, in one line
+    assert refused.returncode != 0
+    out = refused.stdout + refused.stderr
+    assert re.search(rf"digits gate: error: MLflow tracking server {re.escape(url)}: dave may "
+                     r"not do this \(403 Permission denied", out), out[-3000:]  # fmt: skip
+    assert "Traceback" not in out
+    assert refused.in_production == 0
+
+    # the release identity: the candidate copied into production and crowned there
+    assert crowned.returncode == 0, crowned.stdout[-3000:] + crowned.stderr[-3000:]
+    champion = dave.get_model_version_by_alias(MODEL, "champion")
+    assert champion.tags["digits.copied_from"] == f"{CANDIDATES}/1"
+    assert champion.tags["promoted_via"] == "gate" and champion.run_id == candidate.run_id
+    assert dave.get_model_version(CANDIDATES, "1").tags["digits.promoted_as"] == (
+        f"{MODEL}/{champion.version}"
+    )
+
+
 @pytest.fixture(scope="module")
 def candidates(team):
     """Two candidate versions, registered by the developer from runs of the experiment."""
@@ -305,7 +373,7 @@ def test_a_developer_logs_runs_and_registers_candidates_but_not_production(
 ):
     dave = as_user("dave")
     found = dave.search_model_versions(f"name='{CANDIDATES}'")
-    assert sorted(str(v.version) for v in found) == sorted(candidates)
+    assert set(candidates) <= {str(v.version) for v in found}
     assert dave.get_model_version_by_alias(CANDIDATES, "challenger").version == candidates[-1]
     # the production model: no version, no alias, no copy, no delete
     source = f"models:/{CANDIDATES}/{candidates[0]}"
@@ -335,16 +403,16 @@ def production(team, candidates):
 
 
 @pytest.mark.slow
-def test_the_release_identity_promotes_and_rolls_back(team, production, as_user):
+def test_the_release_identity_promotes_and_rolls_back(team, candidates, production, as_user):
     versions, outs = production
     for out in outs:
         assert out.returncode == 0, out.stdout + out.stderr
     assert None not in versions
     first = outs[0].stdout.splitlines()
-    assert first[0] == f"{CANDIDATES} version 1 is {MODEL} version {versions[0]}"
-    assert first[1].startswith(f"{MODEL} version {versions[0]} is now @champion (the first")
+    assert first[0] == f"{CANDIDATES} version {candidates[0]} is {MODEL} version {versions[0]}"
+    assert first[1].startswith(f"{MODEL} version {versions[0]} is now @champion (")
     rel = as_user("rel")
-    lineage = rel.get_model_version(CANDIDATES, "2")
+    lineage = rel.get_model_version(CANDIDATES, candidates[1])
     assert lineage.tags["digits.promoted_as"] == f"{MODEL}/{versions[1]}"
     assert rel.get_model_version(MODEL, versions[1]).run_id == lineage.run_id
     assert rel.get_model_version_by_alias(MODEL, "champion").version == versions[1]
@@ -354,14 +422,15 @@ def test_the_release_identity_promotes_and_rolls_back(team, production, as_user)
     back = promote(team, "rel", "--rollback", "--reason", "the newer one misreads sevens")
     assert back.returncode == 0, back.stdout + back.stderr
     assert rel.get_model_version_by_alias(MODEL, "champion").version == versions[0]
-    again = promote(team, "rel", "2", "--reason", "fixed")  # candidate 2: its copy, not a new one
+    copies = len(rel.search_model_versions(f"name='{MODEL}'"))
+    again = promote(team, "rel", candidates[1], "--reason", "fixed")  # its copy, not a new one
     assert again.returncode == 0, again.stdout + again.stderr
     assert rel.get_model_version_by_alias(MODEL, "champion").version == versions[1]
-    assert len(rel.search_model_versions(f"name='{MODEL}'")) == 2
+    assert len(rel.search_model_versions(f"name='{MODEL}'")) == copies
 
 
 @pytest.mark.slow
-def test_a_developer_cannot_move_the_champion_by_any_route(team, production, as_user):
+def test_a_developer_cannot_move_the_champion_by_any_route(team, candidates, production, as_user):
     versions, _ = production
     url = team["server"].url
     dave = as_user("dave")
@@ -371,7 +440,8 @@ def test_a_developer_cannot_move_the_champion_by_any_route(team, production, as_
     assert forbidden(lambda: dave.delete_registered_model_alias(MODEL, "champion")) == 403
     assert forbidden(lambda: dave.delete_model_version(MODEL, champion)) == 403
     assert forbidden(lambda: dave.set_model_version_tag(MODEL, other, "promoted_at", "now")) == 403
-    for args in (("1", "--reason", "mine is better"), ("--rollback", "--reason", "undo")):
+    mine = (candidates[0], "--reason", "mine is better")
+    for args in (mine, ("--rollback", "--reason", "undo")):
         out = promote(team, "dave", *args)
         assert out.returncode == 1, out.stdout
         lines = out.stderr.strip().splitlines()
@@ -403,7 +473,7 @@ def test_a_reader_loads_the_champion_and_cannot_log(team, production, as_user, t
 
 
 @pytest.mark.slow
-def test_no_password_in_command_lines_logs_params_or_tags(team, production, as_user):
+def test_no_password_in_command_lines_logs_params_or_tags(team, pipeline, production, as_user):
     secrets_ = list(team["passwords"].values())
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -414,7 +484,7 @@ def test_no_password_in_command_lines_logs_params_or_tags(team, production, as_u
     log = team["server"].tail(10**9)
     assert "MLflow tracking server on" in log
     assert not [s for s in secrets_ if s in log]
-    for out in team["made"]:
+    for out in [*team["made"], *pipeline]:
         assert not [s for s in secrets_ if s in out.stdout + out.stderr]
     rel = as_user("rel")
     for run in rel.search_runs([rel.get_experiment_by_name("mnist").experiment_id]):

@@ -4,7 +4,7 @@ server, with the permissions of its role, set by the admin over the server's RES
     role       the experiment   <model>-candidates   <model> (production)
     reader     READ             READ                 READ
     developer  EDIT             EDIT                 READ
-    release    EDIT             EDIT                 MANAGE
+    release    EDIT             MANAGE               MANAGE
 
 EDIT on the experiment: create runs and log to them; on the candidates model: register
 versions, tag them, set their aliases. READ on the production model: load `@champion`, and a
@@ -31,7 +31,9 @@ from digits.tracking.registry import candidates_of
 ROLES: dict[str, tuple[str, str, str]] = {
     "reader": ("READ", "READ", "READ"),
     "developer": ("EDIT", "EDIT", "READ"),
-    "release": ("EDIT", "EDIT", "MANAGE"),
+    # MANAGE on the candidates too: promoting the last approved candidate removes @challenger
+    # there, and removing an alias is a delete
+    "release": ("EDIT", "MANAGE", "MANAGE"),
 }
 
 
