@@ -305,6 +305,12 @@ def pipeline(team, mnist_local):
 
     developer = dvc(project, "repro", env=as_("dave"), check=False)
     developer.in_production = in_production()  # type: ignore[attr-defined]
+    try:
+        developer.challenger = str(  # type: ignore[attr-defined]
+            client_as(team, "rita").get_model_version_by_alias(CANDIDATES, "challenger").version
+        )
+    finally:
+        client_as(team, None)
     git(project, "add", "-A")
     git(project, "commit", "-qm", "a run on a branch")
     git(project, "checkout", "-q", "main")
@@ -324,7 +330,7 @@ def test_the_pipeline_registers_candidates_and_only_the_release_promotes(team, p
     dave = as_user("dave")
     candidate = dave.get_model_version(CANDIDATES, "1")
     assert candidate.tags["validation_status"] == "approved"
-    assert dave.get_model_version_by_alias(CANDIDATES, "challenger").version == "1"
+    assert developer.challenger == "1"
     assert developer.in_production == 0  # nothing in production
 
     # the developer on a clean main: the gate would promote, the server says no, in one line
@@ -343,6 +349,8 @@ def test_the_pipeline_registers_candidates_and_only_the_release_promotes(team, p
     assert dave.get_model_version(CANDIDATES, "1").tags["digits.promoted_as"] == (
         f"{MODEL}/{champion.version}"
     )
+    # promoted, it is no longer the challenger among the candidates
+    assert not dave.get_registered_model(CANDIDATES).aliases.get("challenger")
 
 
 @pytest.fixture(scope="module")
