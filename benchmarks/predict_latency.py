@@ -100,7 +100,8 @@ def floor_start() -> float:
 def start_app(
     model: str, log: Path, workers: int | None, more: list[str]
 ) -> tuple[subprocess.Popen, int]:
-    cmd = [DIGITS, "app", "--port", "0", "--model", model, *more]
+    # every client is this machine's one address: no per-client rate limit (digits.serve.guard)
+    cmd = [DIGITS, "app", "--port", "0", "--model", model, "--rate-limit", "0", *more]
     cmd += ["--workers", str(workers)] if workers else []
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out)

@@ -39,11 +39,20 @@ def query(pg, database: str, sql: str) -> list[tuple]:
 
 class TeamServer:
     """`digits server` on a backend URI and an artifact folder, at a fixed port so that a
-    stopped server can come back at the same URL. Its output goes to `log`."""
+    stopped server can come back at the same URL. Its output goes to `log`. Without logins
+    (`--no-auth`) unless `options` says otherwise (tests/test_team_auth.py: logins on)."""
 
-    def __init__(self, backend_uri: str, artifacts: Path, env: dict, log: Path, port: int):
+    def __init__(
+        self,
+        backend_uri: str,
+        artifacts: Path,
+        env: dict,
+        log: Path,
+        port: int,
+        options: tuple[str, ...] = ("--no-auth",),
+    ):
         self.backend_uri, self.artifacts, self.env, self.log = backend_uri, artifacts, env, log
-        self.port = port
+        self.port, self.options = port, options
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
@@ -56,6 +65,7 @@ class TeamServer:
             "--artifacts-destination", str(self.artifacts),
             "--port", str(self.port),
             "--workers", "1",
+            *self.options,
         ]  # fmt: skip
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(

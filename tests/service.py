@@ -63,6 +63,8 @@ class App:
 
     def start(self) -> App:
         cmd = [DIGITS, "app", "--port", "0", "--workers", str(self.workers), *self.args]
+        if "--rate-limit" not in self.args:  # Load sends hundreds a second from one address
+            cmd += ["--rate-limit", "0"]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

@@ -319,3 +319,70 @@ def test_drawing_and_uploading_in_chromium(server, mnist_test, tmp_path):
         driver.save_screenshot(str(tmp_path / "page.png"))
     finally:
         driver.quit()
+
+
+# --- facing the public: headers, a rate limit, loopback unless told ---------------------------
+
+
+def test_every_answer_carries_the_security_headers(server):
+    from digits.serve.guard import CSP
+
+    for path, body in [("", None), ("static/app.js", None), ("health", None),
+                       ("predict", b""), ("nowhere", None)]:  # fmt: skip
+        req = urllib.request.Request(
+            server + path, data=body, headers={"Content-Type": "image/png"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                headers = r.headers
+        except urllib.error.HTTPError as e:  # the 400, the 404: headers too
+            headers = e.headers
+        assert headers["Content-Security-Policy"] == CSP, path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+
+
+def test_a_flood_from_one_client_gets_429_and_others_are_served(champion, mnist_test, tmp_path):
+    """One token a hundred seconds after a burst of 3: the fourth request from 127.0.0.1 is
+    refused while another address (127.0.0.2, loopback too) is answered."""
+    import http.client
+
+    from service import App
+
+    x, y = mnist_test
+    photo = photo_like(x[0], np.random.default_rng(0))
+    limits = ["--model", champion["model_uri"], "--no-log", "--rate-limit", "0.01",
+              "--rate-burst", "3"]  # fmt: skip
+    with App(limits, champion["env"], tmp_path, workers=1) as app:
+        port = int(app.url.rstrip("/").rsplit(":", 1)[1])
+
+        def post(source: str) -> tuple[int, dict, dict]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60,
+                                              source_address=(source, 0))  # fmt: skip
+            try:
+                conn.request("POST", "/predict", photo, {"Content-Type": "image/png"})
+                r = conn.getresponse()
+                return r.status, dict(r.getheaders()), json.loads(r.read())
+            finally:
+                conn.close()
+
+        flood = [post("127.0.0.1") for _ in range(6)]
+        assert [status for status, _, _ in flood] == [200, 200, 200, 429, 429, 429]
+        _, headers, body = flood[-1]
+        assert body == {"detail": "too many requests from 127.0.0.1: slow down"}
+        assert int(headers["retry-after"]) >= 1
+        assert headers["x-frame-options"] == "DENY"
+        status, _, answer = post("127.0.0.2")
+        assert status == 200 and answer["digit"] == y[0]
+
+
+def test_a_public_address_needs_public(champion, tmp_path):
+    proc = run([DIGITS, "app", "--host", "0.0.0.0", "--port", "0"], tmp_path,
+               env=champion["env"], check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "digits app: error: --host 0.0.0.0: not a loopback address, so the page and its API "
+        "would be open to the network; say so with --public (and put TLS in front: "
+        "docs/service.md)"
+    ]

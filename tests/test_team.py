@@ -363,7 +363,8 @@ def test_digits_server_runs_a_throwaway_cluster_and_removes_it(tmp_path):
     if find_pg_bindir() is None:
         missing("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin)", PG_HINT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "digits.cli", "server", "--port", "0", "--workers", "1"],
+        [sys.executable, "-m", "digits.cli", "server", "--port", "0", "--workers", "1",
+         "--no-auth"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()

@@ -67,8 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_predict)
     p = sub.add_parser("app", help="a page to draw a digit and see what the model thinks")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default: 127.0.0.1; another needs --public)",
+    )
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="allow a --host other than loopback: the page and API open to the network",
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one)")
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=20.0,
+        metavar="PER_SECOND",
+        help="/predict and /feedback requests a second per client address, in each worker; "
+        "past it a 429 (default 20; 0: no limit)",
+    )
+    p.add_argument(
+        "--rate-burst",
+        type=int,
+        default=40,
+        metavar="N",
+        help="requests a client may send at once before the limit applies (default 40)",
+    )
     p.add_argument(
         "--workers", type=int, help="processes serving requests (default: the cores, at most 4)"
     )
@@ -157,9 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000; 0: a free one)")
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
     p.add_argument(
+        "--admin-password-file",
+        metavar="FILE",
+        help="the admin's password in a file only you can read (default: "
+        "MLFLOW_AUTH_ADMIN_PASSWORD; there is no default password)",
+    )
+    p.add_argument(
+        "--auth-database-uri",
+        help="where users and permissions live (default: the backend store's database; a "
+        "second database in the throwaway cluster)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no logins: anyone who reaches the server may change anything (loopback only)",
+    )
+    p.add_argument(
         "mlflow_args",
         nargs=argparse.REMAINDER,
-        help="after --: more `mlflow server` options, e.g. -- --app-name basic-auth",
+        help="`user add NAME --role reader|developer|release` (a login, as the admin; "
+        "`user add -h`), or after --: more `mlflow server` options",
     )
     p.set_defaults(handler=_server)
     return parser

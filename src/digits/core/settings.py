@@ -178,6 +178,22 @@ XDG_DATA_HOME: Var[str | None] = Var(
     " --log-db nor DIGITS_PREDICTION_LOG names one; unset: ~/.local/share.",
 )
 
+# --- `digits server`: its logins (docs/team.md) -----------------------------------------------
+
+MLFLOW_AUTH_ADMIN_PASSWORD: Var[str | None] = Var(
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    None,
+    "The password of the team server's admin (MLflow's own name for it): `digits server` "
+    "creates the admin with it on a fresh auth database, and `digits server user add` logs in "
+    "with it. Or --admin-password-file. No default: logins on and no password stop the server.",
+)
+DIGITS_NEW_USER_PASSWORD: Var[str | None] = Var(
+    "DIGITS_NEW_USER_PASSWORD",
+    None,
+    "The password `digits server user add` gives the new user (else --password-file, else a "
+    "prompt); at least 12 characters.",
+)
+
 # every variable above, by concern (docs/settings.md has a section for each)
 GROUPS: dict[str, tuple[Var, ...]] = {
     "DVC": (DVC_ROOT, DVC_EXP_NAME, DVC_EXP_BASELINE_REV),
@@ -193,6 +209,7 @@ GROUPS: dict[str, tuple[Var, ...]] = {
         MLFLOW_WORKSPACE,
     ),
     "`digits sweep`": (DIGITS_SWEEP_HEARTBEAT, DIGITS_SWEEP_GRACE, DIGITS_SWEEP),
+    "`digits server`": (MLFLOW_AUTH_ADMIN_PASSWORD, DIGITS_NEW_USER_PASSWORD),
     "`digits predict` and `digits app`": (XDG_CACHE_HOME, DIGITS_PREDICTION_LOG, XDG_DATA_HOME),
 }
 

@@ -3,7 +3,11 @@ the registry records who, when and why (digits.tracking.registry). `digits promo
 --reason TEXT` puts back the champion before the current one (the one it replaced when it was
 promoted), under the same rules: a reason, an approved version, the store's write lock. The
 rules of who may promote what are digits.gate.governance's; this command is the one way around
-the gate's own promotions, and no pipeline stage imports it (editing it makes no stage stale)."""
+the gate's own promotions, and no pipeline stage imports it (editing it makes no stage stale).
+
+On a team server that keeps candidates apart (`<name>-candidates`, digits.tracking.registry),
+VERSION is the candidate's: it is copied into the production model (once) and that copy
+becomes `@champion`; the server lets only the release identity do either (docs/team.md)."""
 
 from __future__ import annotations
 
@@ -39,7 +43,16 @@ def main(args) -> int:
     store = open_store(params.mlflow.experiment)
     if rollback:
         return _rollback(store, name, reason, provenance.who(repo_root()))
-    v = _approved(store, name, args.version)
+    with store.reading() as client:
+        separate = registry.has_candidates(client, name)
+    if separate:  # a team server: VERSION is a candidate's, copied into production to promote
+        v = _approved(store, registry.candidates_of(name), args.version)
+        with store.writing() as client:
+            version = registry.copy_to_production(client, name, str(v.version))
+            v = client.get_model_version(name, version)
+        print(f"{registry.candidates_of(name)} version {args.version} is {name} version {version}")
+    else:
+        v = _approved(store, name, args.version)
     version = str(v.version)
     if registry.alias_version(store.client, name, registry.CHAMPION) == version:
         print(f"{name} version {version} is @{registry.CHAMPION} already: nothing to do")

@@ -12,7 +12,9 @@ wrong, and the server goes on serving.
 
 Each worker follows the alias it was started on (digits.serve.served), logs every answer
 (digits.serve.predlog), takes corrections (`POST /feedback`) and counts (`GET /metrics`,
-digits.serve.metrics). `GET /health` says which version every worker serves. docs/service.md.
+digits.serve.metrics). `GET /health` says which version every worker serves. Every answer
+carries security headers, and /predict and /feedback are rate-limited per client
+(digits.serve.guard); a non-loopback --host needs --public. docs/service.md.
 
 Only the `digits app` handler imports this module. No torch; MLflow only where
 digits.serve.predict.load_model needs it to download the model."""
@@ -46,6 +48,7 @@ from digits.data.imaging import MAX_BYTES, ImageError, read_image
 from digits.monitor import logdb
 from digits.serve import predlog
 from digits.serve.feedback import FEEDBACK_BYTES, parse_feedback, store_feedback
+from digits.serve.guard import RateLimit, SecurityHeaders, is_loopback
 from digits.serve.predict import champion_uri, read_all, reading_record
 from digits.serve.served import Follower, Holder, Served, follows, load_served
 
@@ -86,6 +89,8 @@ class Options:
     retention_days: float = 30.0
     state_dir: str | None = None  # the workers' status files and Prometheus' folder
     multiprocess: bool = False  # PROMETHEUS_MULTIPROC_DIR is set for the workers
+    rate_limit: float = 20.0  # /predict and /feedback requests a second per client and worker
+    rate_burst: int = 40  # ... and at once; 0 rate: no limit (digits.serve.guard)
 
 
 def say(text: str) -> None:
@@ -164,7 +169,10 @@ def create_app(served: Served, options: Options) -> FastAPI:
     app = FastAPI(
         title="digits", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
     )
-    app.add_middleware(CountRequests, metrics=metrics)
+    limited = ("/predict", "/feedback")
+    app.add_middleware(RateLimit, rate=options.rate_limit, burst=options.rate_burst, paths=limited)
+    app.add_middleware(CountRequests, metrics=metrics)  # counts the 429s too
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, errors and 429s included
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
@@ -369,6 +377,17 @@ def main(args) -> int:
         raise DigitsError(f"--follow-interval {args.follow_interval}: expected seconds >= 0")
     if args.log_retention_days <= 0:
         raise DigitsError(f"--log-retention-days {args.log_retention_days}: expected > 0")
+    rate, burst = getattr(args, "rate_limit", 20.0), getattr(args, "rate_burst", 40)
+    if rate < 0 or burst < 1:
+        raise DigitsError(
+            f"--rate-limit {rate:g} --rate-burst {burst}: expected requests a second >= 0 "
+            "(0: no limit) and a burst >= 1"
+        )
+    if not is_loopback(args.host) and not getattr(args, "public", False):
+        raise DigitsError(
+            f"--host {args.host}: not a loopback address, so the page and its API would be open "
+            "to the network; say so with --public (and put TLS in front: docs/service.md)"
+        )
     sock = listen(args.host, args.port)  # first: a taken port fails before seconds of loading
     uri = args.model or champion_uri()
     store = tracking_uri()
@@ -386,7 +405,7 @@ def main(args) -> int:
     options = Options(
         uri=uri, store=store, version=first.version, follow_interval=args.follow_interval,
         log_url=url, retention_days=args.log_retention_days, state_dir=state,
-        multiprocess=True,
+        multiprocess=True, rate_limit=rate, rate_burst=burst,
     )  # fmt: skip
     try:
         host, port = sock.getsockname()[:2]

@@ -29,6 +29,7 @@ def run(params: Params) -> Evaluation:
     from digits.data.preprocess import file_digest, load_arrays
     from digits.monitor import stage as monitoring
     from digits.scoring import wild as outside_mnist
+    from digits.tracking import registry
     from digits.tracking import runs as tracking
 
     model_sha256 = file_digest(MODEL)
@@ -48,10 +49,13 @@ def run(params: Params) -> Evaluation:
         test_sha256 = file_digest(TEST_DATA)
         tracking.log_evaluation(store, run_id, scored.evaluation, drawn, test_sha256, len(y))
         outside_mnist.run(store, run_id, (x, y))  # reports/wild.json, wild/... in the run
+        with store.reading() as client:  # a team server's candidates model, else the model
+            name = registry.registers_in(client, params.mlflow.registered_model)
         version = register(
-            store, params, run_id, scored=scored, model_sha256=model_sha256, test_sha256=test_sha256
-        )
-    print(f"evaluate: MLflow run {run_id}; registered {params.mlflow.registered_model} v{version}")
+            store, params, run_id, scored=scored, model_sha256=model_sha256,
+            test_sha256=test_sha256, name=name,
+        )  # fmt: skip
+    print(f"evaluate: MLflow run {run_id}; registered {name} v{version}")
     return scored.evaluation
 
 
@@ -120,8 +124,10 @@ def register(
     scored: Scored,
     model_sha256: str,
     test_sha256: str,
+    name: str | None = None,
 ) -> str:
-    """Log the model into the run and register it as a new version, tagged with what it was
+    """Log the model into the run and register it as a new version of `name` (default: the
+    registered model of params.yaml), tagged with what it was
     made from and scored at: the score record (digits.scoring.cache) the gate reads instead of
     scoring it again, keyed by the version's files as the registry now serves them.
 
@@ -133,7 +139,7 @@ def register(
     from digits.scoring import cache
     from digits.tracking import pyfunc
 
-    name = params.mlflow.registered_model
+    name = name or params.mlflow.registered_model  # or its candidates model (a team server)
     model_uri = pyfunc.log_model(Path(MODEL), run_id)
     with store.writing() as client:
         version = pyfunc.register(model_uri, name)

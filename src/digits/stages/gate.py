@@ -53,10 +53,12 @@ def run(params: Params) -> Outcome:
     from digits.tracking import runs as tracking
     from digits.tracking.store import open_store
 
-    name = params.mlflow.registered_model
+    production = params.mlflow.registered_model
     where = governance.tighten(governance.context(params), params.gates)
     wild = read_wild() if reads_wild(where.gates) else None  # before any scoring: it may be missing
     store = open_store(params.mlflow.experiment)
+    with store.reading() as client:  # a team server's candidates model, else `production`
+        name = registry.registers_in(client, production)
     test_sha256 = file_digest(TEST_DATA)
     version, run_id = judged_version(store, name, file_digest(MODEL))
     with tracking.active_run(store, run_id):  # a crash from here on marks the run FAILED
@@ -68,11 +70,11 @@ def run(params: Params) -> Outcome:
                 test_sha256,
                 suites(where.gates, params.evaluate.outliers_per_kind),
             )
-            contest = compete(client, scorer, name, version)
+            contest = compete(client, scorer, name, version, production)
         outcome = judge(name, contest, where, test_sha256, wild)
         # and the feedback hold-out, when there is one (digits.monitor.gatecheck)
         outcome = with_feedback(outcome, where.gates.alpha, params.feedback.holdout_share)
-        outcome = record(store, scorer, outcome, run_id)
+        outcome = record(store, scorer, outcome, run_id, production)
         text = write_reports(outcome, governance.advisory(params.gates, where.gates))
         model_card(store, params, outcome, run_id)
         tracking.log_gate(
@@ -104,15 +106,24 @@ def judged_version(store: Store, name: str, model_sha256: str) -> tuple[str, str
         return version, client.get_model_version(name, version).run_id
 
 
-def compete(client, scorer: VersionScorer, name: str, version: str) -> Contest:
+def compete(
+    client, scorer: VersionScorer, name: str, version: str, production: str | None = None
+) -> Contest:
     """The version's score, and the scores it is compared with: @champion's (when another
-    version holds it) and the high-water mark (the most accurate champion there has been)."""
-    champion_version = registry.alias_version(client, name, registry.CHAMPION)
+    version holds it) and the high-water mark (the most accurate champion there has been).
+    With candidates apart (`name` is `production`'s candidates model) the production model's
+    champions are judged as the candidates they were copied from."""
+    production = production or name
+    champion_version = _champion(client, name, production)
     new = scorer.score(version)
     champion = None
     if champion_version is not None and champion_version != version:
         champion = scorer.score(champion_version)
-    past = [scorer.score(v) for v in registry.ever_champions(client, name) if v != version]
+    ever = [
+        registry.as_judged(client, production, name, v)
+        for v in registry.ever_champions(client, production)
+    ]
+    past = [scorer.score(v) for v in ever if v is not None and v != version]
     high = max(past, key=lambda s: (s.accuracy, -int(s.version)), default=None)
     return Contest.of(new, champion_version, champion, high)
 
@@ -144,14 +155,24 @@ def model_card(store: Store, params: Params, o: Outcome, run_id: str) -> None:
     card.attach(store, o.name, o.version, run_id)
 
 
-def record(store: Store, scorer: VersionScorer, o: Outcome, run_id: str) -> Outcome:
+def _champion(client, name: str, production: str) -> str | None:
+    current = registry.alias_version(client, production, registry.CHAMPION)
+    return registry.as_judged(client, production, name, current)
+
+
+def record(
+    store: Store, scorer: VersionScorer, o: Outcome, run_id: str, production: str | None = None
+) -> Outcome:
     """Write the verdict to the registry: score records, the version's status tags, the
-    aliases it moves, its description. Returns the outcome with @challenger as it now is."""
+    aliases it moves, its description. Returns the outcome with @challenger as it now is.
+    Promoting a candidate (candidates apart) copies it into `production` and crowns the copy:
+    on a team server only the release identity may (digits.tracking.store says so, a 403)."""
     from digits.gate import report
 
     name, version, where = o.name, o.version, o.where
+    production = production or name
     with store.writing() as client:
-        now = registry.alias_version(client, name, registry.CHAMPION)
+        now = _champion(client, name, production)
         if now != o.contest.champion_version:
             raise GateError(
                 f"{name}: @{registry.CHAMPION} moved from version {o.contest.champion_version} "
@@ -168,10 +189,13 @@ def record(store: Store, scorer: VersionScorer, o: Outcome, run_id: str) -> Outc
         elif registry.REASONS in client.get_model_version(name, version).tags:
             client.delete_model_version_tag(name, version, registry.REASONS)
         if o.verdict is Verdict.PROMOTED:
+            crowned = version
+            if production != name:
+                crowned = registry.copy_to_production(client, production, version)
             registry.record_promotion(
                 client,
-                name,
-                version,
+                production,
+                crowned,
                 by=f"gate: pipeline run on {where.branch}@{where.commit[:7]}",
                 reason="passed the gate on a clean run of the promotion branch",
                 via="gate",

@@ -5,7 +5,9 @@ HTTP: runs, metrics and the model registry live in PostgreSQL, and artifacts are
 server writes them to `--artifacts-destination` (a folder, or an object store such as
 s3://bucket/path) and clients see `mlflow-artifacts:/...` URIs, so no client needs access to the
 storage itself. It binds 127.0.0.1 unless told otherwise; put TLS and the outside world in front
-of it with a reverse proxy (docs/team.md).
+of it with a reverse proxy (docs/team.md). Logins are on unless `--no-auth` (loopback only):
+MLflow's basic-auth app, users and permissions in the same PostgreSQL (digits.team.auth), and
+`digits server user add` (digits.team.users).
 
 Without `--backend-store-uri` it runs a throwaway PostgreSQL cluster (Debian's `postgresql`
 package) in a temp folder, deleted when the server stops: for trying the setup and for tests.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from digits.core import http
 from digits.core.errors import DigitsError, redact, sigterm_raises
+from digits.team import auth
 
 PG_HINT = "install PostgreSQL (apt-get install postgresql) or pass --backend-store-uri"
 PG_USER = "mlflow"  # the superuser of a throwaway cluster, and MLflow's database user in it
@@ -212,20 +215,51 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def main(args) -> int:
-    """Run the team server until it exits or is stopped (Ctrl-C, SIGTERM: exit status 0)."""
+    """Run the team server until it exits or is stopped (Ctrl-C, SIGTERM: exit status 0);
+    `digits server user ...` manages its logins instead (digits.team.users)."""
+    extra = [a for a in args.mlflow_args if a != "--"]
+    if args.mlflow_args[:1] == ["user"]:
+        from digits.team import users
+
+        return users.main(args.mlflow_args[1:])
     try:
         with sigterm_raises(_Stopped):  # so `finally` blocks stop the server and the cluster
-            return serve(args)
+            return serve(args, extra)
     except (KeyboardInterrupt, _Stopped):
         return 0
 
 
-def serve(args) -> int:
-    extra = [a for a in args.mlflow_args if a != "--"]
+NO_AUTH_WARNING = (
+    "digits server: WARNING: logins are OFF (--no-auth): anyone who reaches {url} may read, "
+    "change or delete any run and move @champion. For one person's machine only."
+)
+
+
+def _logins(args, extra: list[str]) -> str | None:
+    """The admin's password with logins on (the default), None with --no-auth; refuse what
+    would leave the server open or take the choice from `digits server`."""
+    if any(a == "--app-name" or a.startswith("--app-name=") for a in extra):
+        raise ServerError(
+            "--app-name: logins are set by digits server itself (MLflow's basic-auth app; "
+            "--no-auth turns them off), not by an option after --"
+        )
+    if getattr(args, "no_auth", False):
+        if not auth.is_loopback(args.host):
+            raise ServerError(
+                f"--no-auth with --host {args.host}: a server without logins may only listen on "
+                "a loopback address (127.0.0.1, ::1); drop --no-auth to reach it from elsewhere"
+            )
+        return None
+    return auth.admin_password(getattr(args, "admin_password_file", None))
+
+
+def serve(args, extra: list[str]) -> int:
+    password = _logins(args, extra)  # before anything starts: a missing secret stops it here
     with contextlib.ExitStack() as stack:
         # MLflow's job runner (a second process, for GenAI scoring jobs) has nothing to do
         # for this project; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it back.
         env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+        auth_db = getattr(args, "auth_database_uri", None)
         if args.backend_store_uri:
             backend = args.backend_store_uri
             if not args.artifacts_destination:
@@ -237,6 +271,8 @@ def serve(args) -> int:
         else:
             pg = stack.enter_context(LocalPostgres())
             backend = pg.create_database("mlflow")
+            if password is not None and not auth_db:
+                auth_db = pg.create_database("mlflow_auth")  # users and permissions
             env.update(pg.env)
             artifacts = args.artifacts_destination or stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="digits-artifacts-")
@@ -248,14 +284,31 @@ def serve(args) -> int:
         # bound to every interface, it still answers on loopback: check and print that
         local = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
         url = f"http://[{local}]:{port}" if ":" in local else f"http://{local}:{port}"
+        if password is not None:
+            private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="digits-auth-")))
+            config = auth.write_config(private, auth_db or backend)
+            env = auth.server_env(env, config, password)
+            extra = ["--app-name", "basic-auth", *extra]
+        else:
+            print(NO_AUTH_WARNING.format(url=url), file=sys.stderr, flush=True)
         cmd = mlflow_server_command(backend, artifacts, args.host, port, args.workers, extra)
         # its own process group, so stopping it reaches uvicorn's workers too
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         try:
             wait_until_healthy(url, proc)
+            logins = "logins OFF"
+            if password is not None:
+                experiment = getattr(args, "experiment", None) or auth.DEFAULT_EXPERIMENT
+                model = getattr(args, "model", None) or auth.DEFAULT_MODEL
+                with auth.logged_in(auth.ADMIN, password):
+                    auth.ensure_protected(url, experiment, model)
+                logins = (
+                    f"logins on, users in {redact(auth_db or backend)}; add them with "
+                    "`digits server user add NAME --role reader|developer|release`"
+                )
             print(
                 f"digits server: MLflow tracking server on {url} "
-                f"(backend {redact(backend)}, artifacts {artifacts})\n"
+                f"(backend {redact(backend)}, artifacts {artifacts})\n  {logins}\n"
                 f"  export MLFLOW_TRACKING_URI={url}",
                 flush=True,
             )

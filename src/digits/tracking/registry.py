@@ -23,6 +23,12 @@ ROLLED_BACK_AT, ROLLED_BACK_BY, ROLLBACK_REASON = (
     "rollback_reason",
 )
 STATUS, APPROVED, REJECTED = "validation_status", "approved", "rejected"
+# A team server with logins (`digits server`) keeps every version the pipeline registers in
+# `<name>-candidates`, and the production model `<name>` only the release identity may change;
+# promoting copies a candidate in (copy_model_version: its tags and run kept), tagged with
+# where it came from, and the candidate with where it went.
+CANDIDATES_SUFFIX = "-candidates"
+COPIED_FROM, PROMOTED_AS = "digits.copied_from", "digits.promoted_as"
 REASONS = "validation_reasons"
 MODEL_TAG = "digits.model_sha256"  # the weights file a version was registered from
 
@@ -133,7 +139,8 @@ def update_challenger(client, name: str) -> str | None:
         v
         for v in versions(client, name)
         if v.tags.get(STATUS) == APPROVED and PROMOTED_AT not in v.tags
-    ]
+        and PROMOTED_AS not in v.tags  # a candidate copied into production was promoted
+    ]  # fmt: skip
     best = max(candidates, key=lambda v: (accuracy_of(v), int(v.version)), default=None)
     current = alias_version(client, name, CHALLENGER)
     if best is None:
@@ -143,3 +150,44 @@ def update_challenger(client, name: str) -> str | None:
     if current != str(best.version):
         client.set_registered_model_alias(name, CHALLENGER, str(best.version))
     return str(best.version)
+
+
+def candidates_of(name: str) -> str:
+    return name + CANDIDATES_SUFFIX
+
+
+def has_candidates(client, name: str) -> bool:
+    """Whether the store keeps candidates apart from the production model `name` (a team
+    server set up by `digits server`, which creates both); a local store does not."""
+    return bool(client.search_registered_models(f"name='{candidates_of(name)}'"))
+
+
+def copy_to_production(client, name: str, candidate: str) -> str:
+    """The production model's version holding candidate version `candidate`: the one copied
+    from it before, else a new copy. Returns its version."""
+    source = candidates_of(name)
+    origin = f"{source}/{candidate}"
+    for v in versions(client, name):
+        if v.tags.get(COPIED_FROM) == origin:
+            return str(v.version)
+    copied = str(client.copy_model_version(f"models:/{origin}", name).version)
+    client.set_model_version_tag(name, copied, COPIED_FROM, origin)
+    client.set_model_version_tag(source, candidate, PROMOTED_AS, f"{name}/{copied}")
+    return copied
+
+
+def registers_in(client, name: str) -> str:
+    """The model the pipeline registers its versions in and the gate judges: the candidates
+    model where the store keeps one apart (a team server), else the production model `name`."""
+    return candidates_of(name) if has_candidates(client, name) else name
+
+
+def as_judged(client, production: str, judged: str, version: str | None) -> str | None:
+    """A version of the production model as the judged model numbers it: itself when they are
+    one model, else the candidate it was copied from (None for one that was not)."""
+    if version is None or judged == production:
+        return version
+    source, _, number = (
+        client.get_model_version(production, version).tags.get(COPIED_FROM, "").rpartition("/")
+    )
+    return number if source == judged else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import ssl
 import urllib.parse
 from collections.abc import Iterator
@@ -88,7 +89,35 @@ def translated(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as e:
-        raise StoreError(f"MLflow store {uri}: {first_line(e)}") from None
+        raise StoreError(refused(uri, e) or f"MLflow store {uri}: {first_line(e)}") from None
+
+
+def refused(uri: str, e: Exception) -> str | None:
+    """The one line for a server's 401 (no login, or a wrong one) or 403 (the login's role may
+    not do this), else None. MLflow's client puts the status in its message (a copy of a model
+    version wraps it in an error of its own)."""
+    found = re.search(r"failed with error code (40[13]) != 200", str(e))
+    status = int(found[1]) if found else getattr(e, "get_http_status_code", lambda: None)()
+    user = settings.MLFLOW_TRACKING_USERNAME.get()
+    if status == 401 and not (user or settings.MLFLOW_TRACKING_TOKEN.get()):
+        return (
+            f"MLflow tracking server {uri} wants a login: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+    if status == 401:  # the same answer whether the user exists or not
+        return (
+            f"MLflow tracking server {uri} refused the login{f' of {user}' if user else ''}: "
+            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or the token)"
+        )
+    if status == 403:
+        where = re.search(r"endpoint (/\S+)", str(e))
+        return (
+            f"MLflow tracking server {uri}: {user or 'this login'} may not do this (403 "
+            f"Permission denied{f' at {where[1]}' if where else ''}); the server decides by role, "
+            "and only the release identity may change the production model "
+            "(docs/team.md#logins-and-roles)"
+        )
+    return None
 
 
 def ssl_context() -> ssl.SSLContext:
@@ -187,13 +216,8 @@ def open_store(experiment: str, uri: str | None = None) -> Store:
             exp = client.get_experiment_by_name(experiment) or _create_experiment(
                 client, experiment, uri
             )
-        except MlflowException as e:
-            if e.get_http_status_code() == 401:  # a server behind MLflow's basic-auth app
-                raise StoreError(
-                    f"MLflow tracking server {uri} wants a login: set MLFLOW_TRACKING_USERNAME "
-                    "and MLFLOW_TRACKING_PASSWORD"
-                ) from None
-            raise StoreError(f"MLflow store {uri}: {first_line(e)}") from None
+        except MlflowException as e:  # 401, 403: a server behind MLflow's basic-auth app
+            raise StoreError(refused(uri, e) or f"MLflow store {uri}: {first_line(e)}") from None
     _check_experiment(exp, uri)
     return Store(uri, client, exp.experiment_id)
 
