@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from digits.serve.guard import CSP, Buckets, RateLimit, SecurityHeaders, is_loopback
+from digits.core.net import is_loopback
+from digits.serve.guard import CSP, Buckets, RateLimit, SecurityHeaders
 
 
 async def hello(scope, receive, send):

@@ -44,11 +44,12 @@ from starlette.concurrency import run_in_threadpool
 from digits.core.errors import DigitsError, first_line, redact
 from digits.core.files import atomic_path
 from digits.core.mnist import COLS, ROWS
+from digits.core.net import is_loopback
 from digits.data.imaging import MAX_BYTES, ImageError, read_image
 from digits.monitor import logdb
 from digits.serve import predlog
 from digits.serve.feedback import FEEDBACK_BYTES, parse_feedback, store_feedback
-from digits.serve.guard import RateLimit, SecurityHeaders, is_loopback
+from digits.serve.guard import RateLimit, SecurityHeaders
 from digits.serve.predict import champion_uri, read_all, reading_record
 from digits.serve.served import Follower, Holder, Served, follows, load_served
 

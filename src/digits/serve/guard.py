@@ -14,7 +14,6 @@ Two ASGI middlewares, pure (no framework imports), each a few lines per request:
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import time
@@ -41,16 +40,6 @@ HEADERS: list[tuple[bytes, bytes]] = [
     (b"referrer-policy", b"no-referrer"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and `localhost`: what only this machine reaches."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 class SecurityHeaders:

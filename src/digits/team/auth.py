@@ -16,7 +16,6 @@ production model to the release identity only (docs/team.md has the table)."""
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import secrets
 import stat
@@ -34,16 +33,6 @@ DEFAULT_EXPERIMENT, DEFAULT_MODEL = "mnist", "mnist-mlp"  # params.yaml's mlflow
 
 class AuthError(DigitsError):
     pass
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and `localhost`: what only this machine reaches."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 def read_secret_file(path: str, what: str) -> str:

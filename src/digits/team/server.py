@@ -31,6 +31,7 @@ from pathlib import Path
 
 from digits.core import http
 from digits.core.errors import DigitsError, redact, sigterm_raises
+from digits.core.net import is_loopback
 from digits.team import auth
 
 PG_HINT = "install PostgreSQL (apt-get install postgresql) or pass --backend-store-uri"
@@ -244,7 +245,7 @@ def _logins(args, extra: list[str]) -> str | None:
             "--no-auth turns them off), not by an option after --"
         )
     if getattr(args, "no_auth", False):
-        if not auth.is_loopback(args.host):
+        if not is_loopback(args.host):
             raise ServerError(
                 f"--no-auth with --host {args.host}: a server without logins may only listen on "
                 "a loopback address (127.0.0.1, ::1); drop --no-auth to reach it from elsewhere"
