@@ -102,7 +102,10 @@ def _perturbed(weights, out, seed: int = 0) -> None:
 
 
 @pytest.mark.slow
-def test_on_a_real_champion_reference_gate_and_monitor(champion, tmp_path, monkeypatch, capsys):
+def test_on_a_real_champion_reference_gate_and_monitor(
+    champion, tmp_path, monkeypatch, capsys, request
+):
+    import mlflow
     from mlflow import MlflowClient
 
     from digits.cli import main
@@ -114,6 +117,10 @@ def test_on_a_real_champion_reference_gate_and_monitor(champion, tmp_path, monke
 
     uri, name, version = champion["tracking_uri"], "mnist-mlp", champion["version"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # the gate's check downloads the champion through MLflow's fluent store, which another test
+    # of this worker may have pointed elsewhere (the stage sets it: tracking.active_run)
+    mlflow.set_tracking_uri(uri)
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(None))
     monkeypatch.chdir(tmp_path)
     x, y = read_pair(mnist_dir(), "train")
     _, val_x, _, _ = split(x, y, 5000, 42)
