@@ -72,8 +72,10 @@ ACCURATE := -S train.epochs=90 -S train.augment.warp_share=1.0 -S train.augment.
 accurate: install ## the best-accuracy profile (90 epochs), as a DVC experiment "accurate"
 	dvc exp run -n accurate $(ACCURATE)
 
-# The team's MLflow server (docs/team.md). Alone: a throwaway PostgreSQL cluster
-# and artifact folder, deleted on exit. For real, name the team's database and storage:
+# The team's MLflow server (docs/team.md), logins on: the admin's password comes from
+# MLFLOW_AUTH_ADMIN_PASSWORD (or SERVER_ARGS="--admin-password-file FILE"), never from here.
+# Alone: a throwaway PostgreSQL cluster and artifact folder, deleted on exit. For real, name
+# the team's database and storage:
 #   make team-server SERVER_ARGS="--backend-store-uri postgresql://mlflow@db-host/mlflow \
 #                                 --artifacts-destination /srv/mlflow-artifacts"
 team-server: install ## a shared MLflow server on 127.0.0.1:5000 (PostgreSQL, proxied artifacts)
