@@ -10,7 +10,11 @@ imports, allocator growth), then times `--epochs` epochs `--repeats` times; the 
 median. The children differ only in their numerics environment:
 
   portable : digits.core.numerics' pins (the default): products in numpy's OpenBLAS, Haswell
-             kernels, 2 threads; torch on one thread
+             kernels, 2 threads; torch on one thread; the batches made in a second thread
+             (digits.model.batches)
+  inline   : the same, but each batch made in line between two steps, and OpenBLAS's idle
+             threads spinning for its default time (the trainer before the producer thread;
+             the same bytes)
   unpinned : DIGITS_PORTABLE_NUMERICS=0 and no pin variables: torch's nn.Linear on MKL with
              every core, whatever kernels MKL picks for this CPU (the machine's speed)
   former   : the pins before this change (MKL_CBWR=COMPATIBLE, 2 threads, ATen AVX2)
@@ -74,6 +78,8 @@ def child_env(mode: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     if mode == "portable":
         return env  # the child pins, as every entry point does
+    if mode == "inline":  # and OpenBLAS's idle threads spin as long as they did (its default)
+        return {**env, "OPENBLAS_THREAD_TIMEOUT": "28"}
     env[numerics.SWITCH] = "0"
     if mode == "former":
         env.update(FORMER_PINS)
@@ -197,22 +203,101 @@ def accurate_params(params):
     return parse_params(raw)
 
 
-def profile(params, x, y) -> None:
-    """Where a training step's time goes (the trainer, 30 steps)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+def profile(params, x, y) -> dict[str, float]:
+    """Where an epoch's time goes: the trainer's step, made in line (no producer thread, so
+    that the parts add up), each part timed on its own; the products timed inside
+    digits.core.blas. Seconds per epoch of `x`, the median of three epochs after a warm-up."""
+    import torch
+    from torch import nn
 
-    from digits.stages.train import train
+    from digits.core import blas
+    from digits.model.augment import augment_batch, make_augment
+    from digits.stages.train import build, outlier_pool, set_up
 
-    p = params.train.model_copy(update={"epochs": 1})
-    n = 30 * p.batch_size
-    from digits.stages.train import outlier_pool
-
+    p = params.train
+    device = set_up(p)
     pool = outlier_pool(p, x) if p.outliers.enabled else None
-    train(p, (x[:n], y[:n], x[:1000], y[:1000]), outliers=pool, progress=False)  # warm
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        train(p, (x[:n], y[:n], x[:1000], y[:1000]), outliers=pool, progress=False)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    model, opt, sched = build(p, device, total_steps=10 * (len(x) // p.batch_size + 1))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    augment = make_augment(p.augment) if p.augment.enabled else None
+    products = [0.0]
+    matmul = blas.matmul
+
+    def timed_matmul(a, b):
+        t = time.perf_counter()
+        out = matmul(a, b)
+        products[0] += time.perf_counter() - t
+        return out
+
+    def epoch() -> dict[str, float]:
+        parts = dict.fromkeys(("batch", "outliers", "augment", "forward", "loss", "backward",
+                               "optimizer"), 0.0)  # fmt: skip
+        products[0] = 0.0
+        clock = time.perf_counter
+        t_epoch = clock()
+        for idx in torch.randperm(len(x)).split(p.batch_size):
+            t0 = clock()
+            b = len(idx)
+            k = round(p.outliers.share * b) if pool is not None else 0
+            xb = torch.empty(b + k, x.shape[1])
+            torch.index_select(x, 0, idx, out=xb[:b])
+            yb = y[idx]
+            t1 = clock()
+            if pool is not None and k:
+                torch.index_select(pool, 0, torch.randint(len(pool), (k,)), out=xb[b:])
+            t2 = clock()
+            if augment is not None:
+                xb = augment_batch(xb, augment, p.augment.group_size, owned=True)
+            t3 = clock()
+            out = model(xb)
+            t4 = clock()
+            loss = loss_fn(out[:b], yb)
+            if k:
+                loss = loss - p.outliers.weight * torch.log_softmax(out[b:], 1).mean()
+            t5 = clock()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t6 = clock()
+            opt.step()
+            sched.step() if sched is not None else None
+            t7 = clock()
+            for name, a, z in zip(parts, (t0, t1, t2, t3, t4, t5, t6), (t1, t2, t3, t4, t5, t6, t7),
+                                  strict=True):  # fmt: skip
+                parts[name] += z - a
+        parts["epoch"] = clock() - t_epoch
+        parts["digits"] = len(x)
+        parts["products"] = products[0]
+        return parts
+
+    blas.matmul = timed_matmul
+    try:
+        epoch()  # warm-up
+        runs = [epoch() for _ in range(3)]
+    finally:
+        blas.matmul = matmul
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def print_profile(parts: dict[str, float], p, portable_limit: float) -> None:
+    """The split of an in-line epoch, and what the products alone would take."""
+    rows = p.batch_size + round(p.outliers.share * p.batch_size) * p.outliers.enabled
+    n = int(parts["digits"])
+    print(
+        f"\nwhere an epoch's time goes (the trainer in line, {n:,} digits, batches of "
+        f"{p.batch_size} digits + {rows - p.batch_size} outliers; median of 3 epochs)"
+    )
+    epoch = parts["epoch"]
+    shown = ("batch", "outliers", "augment", "forward", "loss", "backward", "optimizer")
+    for name in shown:
+        print(f"  {name:<34}{parts[name]:>7.3f} s {parts[name] / epoch:>6.1%}")
+    other = epoch - sum(parts[k] for k in shown)
+    print(f"  {'(loop, schedule, metrics)':<34}{other:>7.3f} s {other / epoch:>6.1%}")
+    print(f"  {'epoch':<34}{epoch:>7.3f} s")
+    prod = parts["products"]
+    print(f"  of forward + backward, the products  {prod:>7.3f} s {prod / epoch:>6.1%}")
+    alone = n / portable_limit * rows / p.batch_size
+    print(f"  the products at the portable limit  {alone:>7.3f} s  ({rows} rows per "
+          f"{p.batch_size} digits)")  # fmt: skip
 
 
 def child(args) -> None:
@@ -236,12 +321,16 @@ def child(args) -> None:
     else:
         x, y = read_pair(src, "train")
         x, y = torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y).long()
+        if args.child == "inline":  # the trainer before the producer thread: same bytes
+            import digits.stages.train
+
+            digits.stages.train.prefetch = lambda batches: batches
         out["rates"] = time_trainer(params, x, y, args.epochs, args.repeats)
         if not args.accurate:
             out["gemm"] = gemm_rates(sizes, params.train.batch_size)
             out["numerics"] = tracking.numerics_tags()
         if args.profile:
-            profile(params, x, y)
+            out["profile"] = profile(params, x, y)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -285,6 +374,7 @@ def main() -> None:
     flops = step_flops(sizes, params.train.batch_size) / params.train.batch_size
 
     portable = run_child("portable", args)
+    inline = run_child("inline", args)
     unpinned = run_child("unpinned", args)
     former = run_child("former", args)
     accurate = run_child("portable", args, accurate=True)
@@ -292,6 +382,7 @@ def main() -> None:
 
     limit_gemm = max(unpinned["gemm"].values())
     limit = limit_gemm * 1e9 / flops
+    portable_limit = portable["gemm"]["numpy"] * 1e9 / flops  # the products alone, pinned
     print(
         f"machine: {os.cpu_count()} cores; {portable['numerics']['numerics.openblas']} "
         f"(portable); torch {portable['numerics']['numerics.torch']}, MKL "
@@ -314,9 +405,11 @@ def main() -> None:
     )
     print(f"  former pin: MKL COMPATIBLE, 2 threads                {former['gemm']['torch']:8.0f}")
     print()
-    print(f"{'trainer':<46}{'samples/s':>11}{'vs unpinned':>13}{'vs limit':>10}")
+    print(f"{'trainer':<46}{'samples/s':>11}{'vs unpinned':>13}{'vs limit':>10}"
+          f"{'vs portable limit':>19}")  # fmt: skip
     rows = (
         ("portable (default: OpenBLAS Haswell)", portable),
+        ("portable, batches in line (before)", inline),
         ("unpinned (MKL, every core)", unpinned),
         ("former pins (MKL COMPATIBLE)", former),
         ("portable, accurate profile (augmented)", accurate),
@@ -324,13 +417,22 @@ def main() -> None:
     )
     for name, r in rows:
         sps = r["median"]
-        print(f"{name:<46}{sps:>11,.0f}{sps / unpinned['median']:>12.2f}x{sps / limit:>9.2f}x")
+        print(f"{name:<46}{sps:>11,.0f}{sps / unpinned['median']:>12.2f}x{sps / limit:>9.2f}x"
+              f"{sps / portable_limit:>18.2f}x")  # fmt: skip
     print(
         f"\nportable / unpinned = {portable['median'] / unpinned['median']:.2f} (target >= 0.6); "
         f"the pins cost {unpinned['median'] / portable['median']:.2f}x "
         f"(the former pins: {unpinned['median'] / former['median']:.2f}x)"
     )
     print(f"limit: {limit:,.0f} samples/s = {limit_gemm:.0f} GFLOP/s / {flops / 1e6:.2f} MFLOP")
+    print(
+        f"portable limit (the products alone, pinned): {portable_limit:,.0f} samples/s = "
+        f"{portable['gemm']['numpy']:.0f} GFLOP/s / {flops / 1e6:.2f} MFLOP; the trainer at "
+        f"{portable['median'] / portable_limit:.2f} of it (target >= 0.5), "
+        f"{portable['median'] / inline['median']:.2f}x the in-line trainer"
+    )
+    if "profile" in portable:
+        print_profile(portable["profile"], params.train, portable_limit)
 
 
 if __name__ == "__main__":

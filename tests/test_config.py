@@ -172,7 +172,11 @@ def test_every_environment_variable_is_in_the_docs_with_its_default():
             default = str(var.default).lower() if isinstance(var.default, bool) else var.default
             shown = "unset" if default is None else f"`{default}`"
             assert f"| `{var.name}` | {shown} |" in doc, var.name
-    for name in [*numerics.PINS, *settings.MLFLOW_CLIENT_DEFAULTS]:  # what the project sets
+    for name in [
+        *numerics.PINS,
+        *numerics.SPEED,
+        *settings.MLFLOW_CLIENT_DEFAULTS,
+    ]:  # what the project sets
         assert f"| `{name}` |" in doc, name
     assert f"| `{numerics.SWITCH}` | `1` |" in doc  # what the served model's code reads
 

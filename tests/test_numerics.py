@@ -118,7 +118,8 @@ def test_pin_sets_every_pin_and_leaves_a_users_own_values_alone():
     env = {"OPENBLAS_CORETYPE": "Zen", "OMP_NUM_THREADS": "3"}  # a user's, not the pins'
     pins = numerics.pin(env)
     assert env["OPENBLAS_CORETYPE"] == "Zen" and env["OMP_NUM_THREADS"] == "3"
-    assert pins == env  # what is in force, the user's values included
+    assert pins == {k: env[k] for k in numerics.PINS}  # in force, the user's values included
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == numerics.SPEED["OPENBLAS_THREAD_TIMEOUT"]
     for key, value in numerics.PINS.items():
         if key not in ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS"):
             assert env[key] == value, key

@@ -40,9 +40,13 @@ def make_augment(p: AugmentParams):
     return v2.Compose(ops)
 
 
-def augment_batch(x: torch.Tensor, transform, group_size: int) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, transform, group_size: int, *, owned: bool = False
+) -> torch.Tensor:
+    """`x` (B, 784) augmented. `owned`: the caller hands `x` over, and "warp" may change it in
+    place instead of copying it first (the same values either way)."""
     if isinstance(transform, BatchWarp):  # draws per image itself: the whole batch at once
-        return transform(x)
+        return transform(x, owned=owned)
     images = x.view(-1, 1, ROWS, COLS)
     out = torch.cat([transform(g) for g in images.split(group_size)])
     return out.view(len(x), -1)
@@ -66,13 +70,14 @@ class BatchWarp:
     def __init__(self, p: AugmentParams):
         self.p = p
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
+        """`x` augmented; `x` itself is left alone unless `owned` (then it may be the result)."""
         p = self.p
         img = x.view(-1, 1, ROWS, COLS)
         if p.warp_share >= 1:
             img = self.warp(img)  # a new tensor: the changes below are in place
         else:  # the warp is most of the cost: a share of the batch, a slice at a random offset
-            img = img.clone()
+            img = img if owned else img.clone()
             part = self._slice(img, p.warp_share)
             part.copy_(self.warp(part))
         if p.strokes:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from digits.core.config import Params, TrainParams
 from digits.core.errors import DigitsError
 from digits.core.reports import Epoch
-from digits.model.augment import augment_batch, make_augment
+from digits.model.augment import make_augment
+from digits.model.batches import epoch_batches, prefetch
 from digits.model.checkpoint import Checkpoint, capture, fingerprint, restore
 from digits.model.network import build_mlp, predict_logits
 
@@ -154,32 +155,31 @@ def train_one_epoch(
     """One pass over (x, y) in a fresh random order; returns the digits' (mean loss, accuracy).
     With `outliers`, each batch also gets `p.outliers.share` of its size in non-digits drawn
     from them (augmented like the digits), whose loss is the cross-entropy to the uniform
-    distribution, "no digit more than another" (outlier exposure, Hendrycks et al. 2019)."""
+    distribution, "no digit more than another" (outlier exposure, Hendrycks et al. 2019).
+    On the CPU the batches are made in a background thread (digits.model.batches: same bytes)."""
     model.train()
     n = len(x)
-    perm = torch.randperm(n, device=x.device)
+    made = epoch_batches(x, y, p, augment=augment, outliers=outliers)
+    if x.device.type == "cpu" and not p.dropout:  # dropout would draw in this thread too
+        made = prefetch(made)
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    batches = tqdm(perm.split(p.batch_size), desc=bar, unit="batch", disable=not bar or None)
-    for i, idx in enumerate(batches):
-        xb, yb = x[idx], y[idx]
-        k = round(p.outliers.share * len(idx)) if outliers is not None else 0
-        if k:
-            xb = torch.cat([xb, outliers[torch.randint(len(outliers), (k,), device=x.device)]])
-        if augment is not None:
-            xb = augment_batch(xb, augment, p.augment.group_size)
+    steps = math.ceil(n / p.batch_size)
+    batches = tqdm(made, total=steps, desc=bar, unit="batch", disable=not bar or None)
+    for i, (xb, yb) in enumerate(batches):
+        b = len(yb)  # the rows after the digits' are outliers
         out = model(xb)
-        logits = out[: len(idx)]
+        logits = out[:b]
         digit_loss = loss_fn(logits, yb)
         loss = digit_loss
-        if k:
-            loss = loss - p.outliers.weight * torch.log_softmax(out[len(idx) :], 1).mean()
+        if len(out) > b:
+            loss = loss - p.outliers.weight * torch.log_softmax(out[b:], 1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        loss_sum += digit_loss.detach() * len(idx)
+        loss_sum += digit_loss.detach() * b
         correct += (logits.detach().argmax(1) == yb).sum()
         if bar and i % 50 == 0:  # reading a value syncs the device: only now and then
             batches.set_postfix(loss=f"{loss.item():.4f}")
