@@ -48,8 +48,7 @@ def test_the_producers_error_reaches_the_consumer_at_its_place():
 
     got = []
     with pytest.raises(ValueError, match="bad batch"):
-        for item in batches.prefetch(items()):
-            got.append(item)
+        got.extend(batches.prefetch(items()))
     assert got == [1, 2] and not producers()
 
 
