@@ -27,6 +27,9 @@ CANDIDATES: dict[str, tuple[dict, int, int]] = {
     "printed-lowres": ({}, 4000, 6000),  # and training digits scanned coarse and blown up
     # and the non-digits' loss weighted as much as the digits'
     "printed-lowres-oe-1": ({"outliers": {"weight": 1.0}}, 4000, 6000),
+    # cheaper steps (issue 34): fewer epochs, or a smaller share of each batch warped
+    "epochs-40": ({"epochs": 40}, 0, 0),
+    "warp-0.4": ({"augment": {"warp_share": 0.4}}, 0, 0),
 }
 WILD_REFUSE = 0.05  # `sources`: the wild validation digits, pooled, refuse at most this share
 
