@@ -201,13 +201,18 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
+    return parse_params(read_yaml(path), str(path))
+
+
+def read_yaml(path: Path, error: type[DigitsError] = ConfigError, holds: str = "") -> object:
+    """The YAML document in `path`; `error` (one line naming the file) when it is missing or
+    not YAML. `holds` says what the file is for, in the missing file's message."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found" + (f"; it holds {holds}" if holds else "")) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_params(raw, str(path))
+        raise error(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from digits.core.config import Params, flat_params, parse_params
+from digits.core.config import Params, flat_params, parse_params, read_yaml
 from digits.core.errors import DigitsError
 
 SPACE_FILE = "sweep.yaml"
@@ -147,12 +146,7 @@ def _describe(err: Any, raw: dict) -> str:
 
 def load_space(path: Path, params: Params) -> list[Dimension]:
     """The search space in `path`, checked against the params it varies."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{path}: file not found; it holds the search space") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(path, SweepError, holds="the search space")
     if not isinstance(raw, dict) or not raw or not all(isinstance(k, str) for k in raw):
         raise SweepError(f"{path}: expected a mapping of params.yaml keys to ranges or choices")
     try:
