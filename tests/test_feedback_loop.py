@@ -77,14 +77,72 @@ def test_no_feedback_leaves_a_report_of_its_own_and_logs_nothing(tmp_path, monke
         stage.load_feedback()
 
 
-def test_the_committed_feedback_set_is_an_empty_export(tmp_path):
+def test_the_feedback_set_is_dvc_data_and_none_is_an_empty_set(tmp_path, monkeypatch):
+    """Git holds no feedback data, only the folder's README and .gitignore (and, once a set is
+    exported, its .dvc file); the stages depend on the folder, and with no file they read an
+    empty set: evaluate's report is the bytes of an empty export's, training is unchanged."""
+    import subprocess
+
+    import torch
+    import yaml
+
+    from digits.stages.train import add_feedback
     from helpers import ROOT
 
-    committed = ROOT / stage.FEEDBACK_DATA
-    assert len(stage.load_feedback(committed)) == 0
-    n, changed = review.export([], tmp_path / "examples.npz")
-    assert (n, changed) == (0, True)
-    assert (tmp_path / "examples.npz").read_bytes() == committed.read_bytes()
+    tracked = subprocess.run(["git", "ls-files", "feedback"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    assert "feedback/examples.npz" not in tracked
+    assert {"feedback/README.md", "feedback/.gitignore"} <= set(tracked)
+    assert "/examples.npz" in (ROOT / "feedback/.gitignore").read_text().split()
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate", "gate"):
+        assert "feedback" in stages[name]["deps"], name
+        assert not any(d.startswith("feedback/") for d in stages[name]["deps"]), name
+
+    monkeypatch.chdir(tmp_path)
+    assert not stage.FEEDBACK_DATA.exists() and len(stage.load_feedback()) == 0
+    missing = stage.record_feedback(None, "", 0.3)
+    none_report = stage.FEEDBACK_REPORT.read_bytes()
+    base = [torch.zeros(4, 784), torch.zeros(4, dtype=torch.long), torch.ones(2, 784),
+            torch.ones(2, dtype=torch.long)]  # fmt: skip
+    fed, refused, sha = add_feedback(base, 3, 0.3)
+    assert len(fed[0]) == 4 and len(refused) == 0 and sha == ""
+    assert review.export([], stage.FEEDBACK_DATA) == (0, True)  # an empty export
+    assert stage.record_feedback(None, "", 0.3) == missing
+    assert stage.FEEDBACK_REPORT.read_bytes() == none_report
+
+
+def test_export_tracks_the_set_with_dvc(tmp_path, capsys):
+    """`dvc add` on the export: git gets the .dvc file, the folder's .gitignore keeps the data
+    out of git, and a second export of the same approvals changes neither."""
+    import subprocess
+    import sys
+
+    from digits.monitor import feedback
+    from helpers import git, init_git
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "README.md").write_text("a project\n")
+    root = init_git(tmp_path / "repo")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    git(root, "commit", "-qam", "dvc")
+    out = root / "feedback" / "examples.npz"
+    assert feedback.dvc_root(out) == root and feedback.dvc_root(tmp_path / "x.npz") is None
+    write(feedback_set(5), out)
+    dvc_file = feedback.track(out, root)
+    assert dvc_file == out.with_name("examples.npz.dvc") and "md5:" in dvc_file.read_text()
+    assert (out.parent / ".gitignore").read_text() == "/examples.npz\n"
+    git(root, "add", "feedback")
+    assert git(root, "diff", "--cached", "--name-only").split() == [
+        "feedback/.gitignore",
+        "feedback/examples.npz.dvc",
+    ]
+    git(root, "commit", "-qm", "feedback")
+    feedback.track(out, root)
+    assert git(root, "status", "--porcelain") == ""  # the same bytes: nothing to commit
+    out.unlink()
+    with pytest.raises(feedback.ExportError, match=r"^dvc add .*examples\.npz: .*run it again"):
+        feedback.track(out, root)
 
 
 def _perturbed(weights, out, seed: int = 0) -> None:

@@ -3,9 +3,11 @@ stage's hooks (a version's reference; its accuracy on the feedback hold-out), an
 set as train, evaluate and the gate read it. Kept here, beside what uses them, so each stage
 calls it in a line or two.
 
-The feedback set (`feedback/examples.npz`, written by `digits feedback export`) is committed to
-git: approved corrections are small (about 1 KB each) and a pipeline dependency, so DVC's lock
-records its hash and `dvc repro` reruns the stages that read it when a new export is committed.
+The feedback set (`feedback/examples.npz`, written by `digits feedback export`) is a DVC-tracked
+dataset: git commits `feedback/examples.npz.dvc` (its hash), DVC's cache and remote hold the
+file. The stages depend on the folder `feedback/` (the file is absent until the first export, and
+a missing dependency would stop `dvc repro`), so DVC's lock records its hash and `dvc repro`
+reruns the stages that read it when a new export is committed. No file: an empty set.
 Its hold-out share is fixed by each example's content hash (`feedback.holdout_share`): an
 example is held out or not whatever else the set holds, and a held-out one is never trained on."""
 
