@@ -249,3 +249,47 @@ def test_the_feedback_check_is_relative_and_stays_out_of_gate_json():
 
     check = Check(gate=gatecheck.GATE, metric="p", value=0.001, threshold=0.05, op=">=")
     assert json.loads(verdict_json([check])) == {"passed": True, "gates": {}}
+
+
+@pytest.mark.slow  # two versions registered through the evaluate stage (fake data: seconds)
+def test_the_feedback_check_is_against_the_production_champion(tmp_path, monkeypatch):
+    """With candidates kept apart (a team server's store), the version judged is a candidate
+    and the production @champion may be no candidate's copy: the corrections are about what
+    the service answered, so the check is against that champion all the same."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from digits.core.config import FeedbackParams
+    from digits.core.files import MODEL, TEST_DATA
+    from digits.data.preprocess import file_digest
+    from digits.model.network import save_model
+    from digits.stages import evaluate, gate
+    from digits.tracking import registry
+    from gate_workspace import NAME, aliases, enter_workspace, hand_model, register
+
+    _, params = enter_workspace(tmp_path, monkeypatch, {"min_accuracy": 0.85, "max_loss": 100.0,
+                                                        "min_class_recall": 0.0})  # fmt: skip
+    params = params.model_copy(update={"feedback": FeedbackParams(holdout_share=0.99)})
+    client = MlflowClient()
+    served = register(params)  # right on every test image, in production
+    gate.run(params)
+    assert aliases(client) == {"champion": served}
+    candidates = registry.candidates_of(NAME)
+    client.create_registered_model(candidates)  # from now on the pipeline registers there
+    save_model(hand_model(wrong=60), MODEL, [11], 0.0)
+    evaluate.run(params)
+    judged = registry.version_of_model(client, candidates, file_digest(MODEL))
+    assert judged is not None
+    # corrections: the test images with their labels (the champion reads every one right)
+    with np.load(TEST_DATA) as f:
+        x, y = f["test_x"].reshape(-1, 784), f["test_y"].astype(np.int64)
+    sha = np.array([hashlib.sha256(r.tobytes()).hexdigest() for r in x], "U64")
+    _, first = np.unique(sha, return_index=True)  # sorted by hash, one per image
+    write(stage.FeedbackSet(x[first], y[first], sha[first]), stage.FEEDBACK_DATA)
+    with pytest.raises(gate.GateFailed, match="feedback_not_worse_than_champion") as failed:
+        gate.run(params)
+    assert "min_accuracy" not in str(failed.value)  # every MNIST gate passed: this check stopped it
+    assert f"vs champion v{served} " in (tmp_path / "project/reports/gate.md").read_text()
+    assert client.get_model_version(candidates, judged).tags["validation_status"] == "rejected"
+    assert aliases(client) == {"champion": served}

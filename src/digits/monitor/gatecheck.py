@@ -3,7 +3,13 @@ feedback hold-out (digits.monitor.stage) is refused, by the paired test the gate
 MNIST's test set (McNemar's exact one-sided test, `gates.alpha`). It is one more check beside
 every MNIST gate, never instead of one: a flood of wrong labels may make the hold-out say
 anything, but cannot make a version pass a gate on MNIST that it fails. No hold-out (no
-approved corrections yet) or no champion: no check, and the gate's outputs stay as before."""
+approved corrections yet) or no champion: no check, and the gate's outputs stay as before.
+
+The champion is the production model's `@champion`, the version in service, whichever model the
+gate judges in: where a team server keeps candidates apart (digits.tracking.registry), the
+version judged is a candidate, and the production champion may be a version no candidate was
+copied from (registered before the candidates model, or promoted by hand); the corrections are
+about what the service answered, so that is what the new version must not be worse than."""
 
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ def _correct(model, data: FeedbackSet) -> np.ndarray:
 
 
 def check(name: str, champion: str | None, alpha: float, share: float) -> Check | None:
-    """The check of models/model.safetensors against version `champion` on the hold-out."""
+    """The check of models/model.safetensors against version `champion` of model `name` on the
+    hold-out."""
     from digits.core.files import MODEL
     from digits.model.inference import Classifier
     from digits.scoring.cache import download_model
@@ -52,10 +59,24 @@ def check(name: str, champion: str | None, alpha: float, share: float) -> Check 
     )
 
 
-def with_feedback(outcome: Outcome, alpha: float, share: float) -> Outcome:
-    """The outcome with the feedback check added (when there is one) and the verdict redone."""
-    found = check(outcome.name, outcome.contest.champion_version, alpha, share)
-    if found is None or outcome.contest.champion_version == outcome.version:
+def production_champion(client, production: str, judged: str, version: str) -> str | None:
+    """The production model's @champion, None when there is none or it is the version judged
+    (`version` of model `judged`, itself or the candidate the champion was copied from)."""
+    from digits.tracking import registry
+
+    champion = registry.alias_version(client, production, registry.CHAMPION)
+    if champion is None or registry.as_judged(client, production, judged, champion) == version:
+        return None
+    return champion
+
+
+def with_feedback(
+    outcome: Outcome, alpha: float, share: float, production: str, champion: str | None
+) -> Outcome:
+    """The outcome with the feedback check against `production`'s champion (`champion`, from
+    `production_champion`) added, when there is one, and the verdict redone."""
+    found = check(production, champion, alpha, share)
+    if found is None:
         return outcome
     results = [*outcome.results, found]
     return replace(outcome, results=results,
