@@ -1,6 +1,8 @@
 """Corrections through the pipeline (digits.monitor.stage, digits.monitor.gatecheck, the train
 stage's hook): the hold-out fixed by content hash, training with `train.feedback.weight`
-copies and nothing changed at 0, evaluate's reports with no feedback, and, on a real
+copies and nothing changed at 0, evaluate's reports with no feedback (no file: an empty set),
+the set as DVC data (`dvc add` on export), the gate's check against the production champion
+when it judges a candidate, and, on a real
 registered champion in a real MLflow store: the version's reference logged into its run, the
 gate's paired check on the hold-out, and `digits monitor` finding the reference there and
 logging its run linked to the version."""

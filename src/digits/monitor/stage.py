@@ -24,6 +24,9 @@ from digits.monitor import reference
 
 FEEDBACK_DATA = Path("feedback/examples.npz")
 FEEDBACK_REPORT = Path("reports/feedback.json")
+# the hold-out a version was judged on, in the run that registered it: the gate's reference
+# for the next version (digits.monitor.gatecheck), with the labels as they were then
+HOLDOUT_DIR, HOLDOUT_FILE = "feedback", "holdout.npz"
 
 
 class FeedbackDataError(DigitsError):
@@ -46,6 +49,12 @@ class FeedbackSet:
 
     def __len__(self) -> int:
         return len(self.y)
+
+
+def save_feedback(data: FeedbackSet, path: Path) -> None:
+    """`data` as digits feedback export writes a set (x, y, sha256)."""
+    with open(path, "wb") as fh:
+        np.savez(fh, x=data.x, y=data.y, sha256=data.sha256)
 
 
 def load_feedback(path: Path = FEEDBACK_DATA) -> FeedbackSet:
@@ -95,7 +104,8 @@ def holdout_correct(classifier, data: FeedbackSet) -> np.ndarray:
 def record_feedback(store, run_id: str, share: float) -> dict:
     """The evaluate stage's hook: the model's accuracy on the feedback hold-out, written to
     reports/feedback.json (its own file: metrics.json keeps its keys when there is no feedback)
-    and, when there is a hold-out, logged as `feedback/accuracy` and `feedback/holdout_size`."""
+    and, when there is a hold-out, logged as `feedback/accuracy` and `feedback/holdout_size`,
+    and the hold-out itself as the run's artifact `feedback/holdout.npz`."""
     from digits.core.files import MODEL, atomic_path
     from digits.model.inference import Classifier
 
@@ -113,7 +123,11 @@ def record_feedback(store, run_id: str, share: float) -> dict:
     with atomic_path(FEEDBACK_REPORT) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if len(correct):
-        with store.writing() as client:
+        import tempfile
+
+        with store.writing() as client, tempfile.TemporaryDirectory() as tmp:
             client.log_metric(run_id, "feedback/accuracy", summary["accuracy"])
             client.log_metric(run_id, "feedback/holdout_size", summary["holdout_size"])
+            save_feedback(data.part(held), Path(tmp) / HOLDOUT_FILE)
+            client.log_artifact(run_id, str(Path(tmp) / HOLDOUT_FILE), HOLDOUT_DIR)
     return summary
