@@ -8,9 +8,9 @@ approved corrections yet) or no champion: no check, and the gate's outputs stay 
 A second check guards against labels forced into the set past review: the hold-out can only
 vouch for the set it is part of, and a flood of wrong labels for a style MNIST does not have
 leaves it unable to tell, or even makes it favour the poisoned version (the MNIST gates do not
-see it either: measured in tests/test_loop_retrain.py, docs/production-loop.md). So the version must also
-not be significantly worse than the champion on the hold-out the champion was judged on, with
-the labels it had then (the evaluate stage logs it into the version's run,
+see it either: measured in tests/test_loop_retrain.py, docs/production-loop.md). So the version
+must also not be significantly worse than the champion on the hold-out the champion was judged
+on, with the labels it had then (the evaluate stage logs it into the version's run,
 `feedback/holdout.npz`): a new export can add corrections, but not overrule those already in
 service. A champion made without a hold-out has none, and then this check is left out.
 
