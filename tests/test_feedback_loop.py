@@ -259,6 +259,7 @@ def test_the_feedback_check_is_against_the_production_champion(tmp_path, monkeyp
     and the production @champion may be no candidate's copy: the corrections are about what
     the service answered, so the check is against that champion all the same."""
     import hashlib
+    import tempfile
 
     from mlflow import MlflowClient
 
@@ -266,32 +267,44 @@ def test_the_feedback_check_is_against_the_production_champion(tmp_path, monkeyp
     from digits.core.files import MODEL, TEST_DATA
     from digits.data.preprocess import file_digest
     from digits.model.network import save_model
+    from digits.monitor import gatecheck
     from digits.stages import evaluate, gate
     from digits.tracking import registry
     from gate_workspace import NAME, aliases, enter_workspace, hand_model, register
+    from helpers import git
 
-    _, params = enter_workspace(tmp_path, monkeypatch, {"min_accuracy": 0.85, "max_loss": 100.0,
+    root, params = enter_workspace(tmp_path, monkeypatch, {"min_accuracy": 0.85, "max_loss": 100.0,
                                                         "min_class_recall": 0.0})  # fmt: skip
     params = params.model_copy(update={"feedback": FeedbackParams(holdout_share=0.99)})
     client = MlflowClient()
+    # corrections: the test images with their labels (the champion reads every one right)
+    with np.load(TEST_DATA) as f:
+        x, y = f["test_x"].reshape(-1, 784), f["test_y"].astype(np.int64)
+    sha = np.array([hashlib.sha256(r.tobytes()).hexdigest() for r in x], "U64")
+    _, first = np.unique(sha, return_index=True)  # sorted by hash, one per image
+    corrections = stage.FeedbackSet(x[first], y[first], sha[first])
+    write(corrections, stage.FEEDBACK_DATA)
+    git(root, "add", str(stage.FEEDBACK_DATA))  # a clean run of main: it promotes
+    git(root, "commit", "-qm", "corrections")
     served = register(params)  # right on every test image, in production
     gate.run(params)
     assert aliases(client) == {"champion": served}
+    # evaluate logged the hold-out it scored into the version's run: the next gate's reference
+    with tempfile.TemporaryDirectory() as tmp:
+        kept = gatecheck.champions_holdout(NAME, served, tmp)
+        held = corrections.part(corrections.held_out(0.99))
+        assert kept is not None and kept.sha256.tolist() == held.sha256.tolist()
+        np.testing.assert_array_equal(kept.y, held.y)
     candidates = registry.candidates_of(NAME)
     client.create_registered_model(candidates)  # from now on the pipeline registers there
     save_model(hand_model(wrong=60), MODEL, [11], 0.0)
     evaluate.run(params)
     judged = registry.version_of_model(client, candidates, file_digest(MODEL))
     assert judged is not None
-    # corrections: the test images with their labels (the champion reads every one right)
-    with np.load(TEST_DATA) as f:
-        x, y = f["test_x"].reshape(-1, 784), f["test_y"].astype(np.int64)
-    sha = np.array([hashlib.sha256(r.tobytes()).hexdigest() for r in x], "U64")
-    _, first = np.unique(sha, return_index=True)  # sorted by hash, one per image
-    write(stage.FeedbackSet(x[first], y[first], sha[first]), stage.FEEDBACK_DATA)
     with pytest.raises(gate.GateFailed, match="feedback_not_worse_than_champion") as failed:
         gate.run(params)
-    assert "min_accuracy" not in str(failed.value)  # every MNIST gate passed: this check stopped it
+    assert "min_accuracy" not in str(failed.value)  # every MNIST gate passed: these stopped it
+    assert "feedback_not_worse_on_champions_holdout" in str(failed.value)
     assert f"vs champion v{served} " in (tmp_path / "project/reports/gate.md").read_text()
     assert client.get_model_version(candidates, judged).tags["validation_status"] == "rejected"
     assert aliases(client) == {"champion": served}
