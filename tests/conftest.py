@@ -31,7 +31,14 @@ def pytest_configure(config):
 
 # the groups that take longest, longest first (`make test` prints the slowest tests): a worker
 # that started one late would finish long after the other
-HEAVY = ("test_team", "test_sweep", "test_s3", "test_pipeline", "test_mlflow_ui")
+HEAVY = (
+    "test_team",
+    "test_sweep",
+    "test_s3",
+    "test_pipeline",
+    "test_loop_retrain",
+    "test_mlflow_ui",
+)
 
 
 def group_of(module: str) -> str:

@@ -1,6 +1,8 @@
 """Corrections through the pipeline (digits.monitor.stage, digits.monitor.gatecheck, the train
 stage's hook): the hold-out fixed by content hash, training with `train.feedback.weight`
-copies and nothing changed at 0, evaluate's reports with no feedback, and, on a real
+copies and nothing changed at 0, evaluate's reports with no feedback (no file: an empty set),
+the set as DVC data (`dvc add` on export), the gate's check against the production champion
+when it judges a candidate, and, on a real
 registered champion in a real MLflow store: the version's reference logged into its run, the
 gate's paired check on the hold-out, and `digits monitor` finding the reference there and
 logging its run linked to the version."""
@@ -77,14 +79,72 @@ def test_no_feedback_leaves_a_report_of_its_own_and_logs_nothing(tmp_path, monke
         stage.load_feedback()
 
 
-def test_the_committed_feedback_set_is_an_empty_export(tmp_path):
+def test_the_feedback_set_is_dvc_data_and_none_is_an_empty_set(tmp_path, monkeypatch):
+    """Git holds no feedback data, only the folder's README and .gitignore (and, once a set is
+    exported, its .dvc file); the stages depend on the folder, and with no file they read an
+    empty set: evaluate's report is the bytes of an empty export's, training is unchanged."""
+    import subprocess
+
+    import torch
+    import yaml
+
+    from digits.stages.train import add_feedback
     from helpers import ROOT
 
-    committed = ROOT / stage.FEEDBACK_DATA
-    assert len(stage.load_feedback(committed)) == 0
-    n, changed = review.export([], tmp_path / "examples.npz")
-    assert (n, changed) == (0, True)
-    assert (tmp_path / "examples.npz").read_bytes() == committed.read_bytes()
+    tracked = subprocess.run(["git", "ls-files", "feedback"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    assert "feedback/examples.npz" not in tracked
+    assert {"feedback/README.md", "feedback/.gitignore"} <= set(tracked)
+    assert "/examples.npz" in (ROOT / "feedback/.gitignore").read_text().split()
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate", "gate"):
+        assert "feedback" in stages[name]["deps"], name
+        assert not any(d.startswith("feedback/") for d in stages[name]["deps"]), name
+
+    monkeypatch.chdir(tmp_path)
+    assert not stage.FEEDBACK_DATA.exists() and len(stage.load_feedback()) == 0
+    missing = stage.record_feedback(None, "", 0.3)
+    none_report = stage.FEEDBACK_REPORT.read_bytes()
+    base = [torch.zeros(4, 784), torch.zeros(4, dtype=torch.long), torch.ones(2, 784),
+            torch.ones(2, dtype=torch.long)]  # fmt: skip
+    fed, refused, sha = add_feedback(base, 3, 0.3)
+    assert len(fed[0]) == 4 and len(refused) == 0 and sha == ""
+    assert review.export([], stage.FEEDBACK_DATA) == (0, True)  # an empty export
+    assert stage.record_feedback(None, "", 0.3) == missing
+    assert stage.FEEDBACK_REPORT.read_bytes() == none_report
+
+
+def test_export_tracks_the_set_with_dvc(tmp_path, capsys):
+    """`dvc add` on the export: git gets the .dvc file, the folder's .gitignore keeps the data
+    out of git, and a second export of the same approvals changes neither."""
+    import subprocess
+    import sys
+
+    from digits.monitor import feedback
+    from helpers import git, init_git
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "README.md").write_text("a project\n")
+    root = init_git(tmp_path / "repo")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    git(root, "commit", "-qam", "dvc")
+    out = root / "feedback" / "examples.npz"
+    assert feedback.dvc_root(out) == root and feedback.dvc_root(tmp_path / "x.npz") is None
+    write(feedback_set(5), out)
+    dvc_file = feedback.track(out, root)
+    assert dvc_file == out.with_name("examples.npz.dvc") and "md5:" in dvc_file.read_text()
+    assert (out.parent / ".gitignore").read_text() == "/examples.npz\n"
+    git(root, "add", "feedback")
+    assert git(root, "diff", "--cached", "--name-only").split() == [
+        "feedback/.gitignore",
+        "feedback/examples.npz.dvc",
+    ]
+    git(root, "commit", "-qm", "feedback")
+    feedback.track(out, root)
+    assert git(root, "status", "--porcelain") == ""  # the same bytes: nothing to commit
+    out.unlink()
+    with pytest.raises(feedback.ExportError, match=r"^dvc add .*examples\.npz: .*run it again"):
+        feedback.track(out, root)
 
 
 def _perturbed(weights, out, seed: int = 0) -> None:
@@ -191,3 +251,60 @@ def test_the_feedback_check_is_relative_and_stays_out_of_gate_json():
 
     check = Check(gate=gatecheck.GATE, metric="p", value=0.001, threshold=0.05, op=">=")
     assert json.loads(verdict_json([check])) == {"passed": True, "gates": {}}
+
+
+@pytest.mark.slow  # two versions registered through the evaluate stage (fake data: seconds)
+def test_the_feedback_check_is_against_the_production_champion(tmp_path, monkeypatch):
+    """With candidates kept apart (a team server's store), the version judged is a candidate
+    and the production @champion may be no candidate's copy: the corrections are about what
+    the service answered, so the check is against that champion all the same."""
+    import hashlib
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from digits.core.config import FeedbackParams
+    from digits.core.files import MODEL, TEST_DATA
+    from digits.data.preprocess import file_digest
+    from digits.model.network import save_model
+    from digits.monitor import gatecheck
+    from digits.stages import evaluate, gate
+    from digits.tracking import registry
+    from gate_workspace import NAME, aliases, enter_workspace, hand_model, register
+    from helpers import git
+
+    root, params = enter_workspace(tmp_path, monkeypatch, {"min_accuracy": 0.85, "max_loss": 100.0,
+                                                        "min_class_recall": 0.0})  # fmt: skip
+    params = params.model_copy(update={"feedback": FeedbackParams(holdout_share=0.99)})
+    client = MlflowClient()
+    # corrections: the test images with their labels (the champion reads every one right)
+    with np.load(TEST_DATA) as f:
+        x, y = f["test_x"].reshape(-1, 784), f["test_y"].astype(np.int64)
+    sha = np.array([hashlib.sha256(r.tobytes()).hexdigest() for r in x], "U64")
+    _, first = np.unique(sha, return_index=True)  # sorted by hash, one per image
+    corrections = stage.FeedbackSet(x[first], y[first], sha[first])
+    write(corrections, stage.FEEDBACK_DATA)
+    git(root, "add", str(stage.FEEDBACK_DATA))  # a clean run of main: it promotes
+    git(root, "commit", "-qm", "corrections")
+    served = register(params)  # right on every test image, in production
+    gate.run(params)
+    assert aliases(client) == {"champion": served}
+    # evaluate logged the hold-out it scored into the version's run: the next gate's reference
+    with tempfile.TemporaryDirectory() as tmp:
+        kept = gatecheck.champions_holdout(NAME, served, tmp)
+        held = corrections.part(corrections.held_out(0.99))
+        assert kept is not None and kept.sha256.tolist() == held.sha256.tolist()
+        np.testing.assert_array_equal(kept.y, held.y)
+    candidates = registry.candidates_of(NAME)
+    client.create_registered_model(candidates)  # from now on the pipeline registers there
+    save_model(hand_model(wrong=60), MODEL, [11], 0.0)
+    evaluate.run(params)
+    judged = registry.version_of_model(client, candidates, file_digest(MODEL))
+    assert judged is not None
+    with pytest.raises(gate.GateFailed, match="feedback_not_worse_than_champion") as failed:
+        gate.run(params)
+    assert "min_accuracy" not in str(failed.value)  # every MNIST gate passed: these stopped it
+    assert "feedback_not_worse_on_champions_holdout" in str(failed.value)
+    assert f"vs champion v{served} " in (tmp_path / "project/reports/gate.md").read_text()
+    assert client.get_model_version(candidates, judged).tags["validation_status"] == "rejected"
+    assert aliases(client) == {"champion": served}

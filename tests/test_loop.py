@@ -3,8 +3,9 @@ registered champion whose run holds its reference; clean MNIST traffic -> `digit
 0; digits drawn with a thicker pen -> exit 1 naming input drift, its run in MLflow; corrections
 for part of them from two sources -> `digits feedback review` approves them by the default rule
 -> `digits feedback export` writes them, content-addressed; a flood of wrong corrections from
-one source stays pending. (Retraining on the export and the gate's check on its hold-out are in
-tests/test_feedback_loop.py; `dvc repro` of the whole pipeline is in tests/test_pipeline.py.)"""
+one source stays pending. (The second half, `dvc repro` on the export, the new champion served
+and poisoned corrections refused, is tests/test_loop_retrain.py; the retraining hook and the
+gate's checks are tested apart in tests/test_feedback_loop.py.)"""
 
 from __future__ import annotations
 

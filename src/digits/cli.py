@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(handler=_feedback_review)
     q = fsub.add_parser("export", help="approved corrections -> a DVC-tracked .npz")
     q.add_argument("--out", default="feedback/examples.npz", help="(default feedback/examples.npz)")
+    q.add_argument("--no-dvc", action="store_true", help="write the file only, no `dvc add`")
     _log_options(q, logging=False)
     q.set_defaults(handler=_feedback_export)
     p = sub.add_parser(

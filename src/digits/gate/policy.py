@@ -175,10 +175,15 @@ RULES: tuple[Rule, ...] = (
          note=lambda w: f"AUROC {w.auroc:.4f} over {w.non_digits} non-digits"),
 )  # fmt: skip
 
-# the check on the feedback hold-out against @champion (digits.monitor.gatecheck adds it)
+# the checks on the feedback hold-out against @champion (digits.monitor.gatecheck adds them):
+# on this set's hold-out, and on the hold-out the champion itself was judged on (its labels)
 FEEDBACK_GATE = "feedback_not_worse_than_champion"
+FEEDBACK_KEPT_GATE = "feedback_not_worse_on_champions_holdout"
 # the checks that compare with other versions of this store (@champion, the high-water mark)
-RELATIVE = frozenset(r.gate for r in RULES if r.reads in RELATIVE_SECTIONS) | {FEEDBACK_GATE}
+RELATIVE = frozenset(r.gate for r in RULES if r.reads in RELATIVE_SECTIONS) | {
+    FEEDBACK_GATE,
+    FEEDBACK_KEPT_GATE,
+}
 
 
 def reads_wild(gates: GateParams) -> bool:

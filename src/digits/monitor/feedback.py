@@ -3,15 +3,22 @@ digits.monitor.review.
 
     digits feedback review                       # pending corrections; the rule approves
     digits feedback review --approve 12 13 --reject 14
-    digits feedback export                       # feedback/examples.npz (DVC-tracked)"""
+    digits feedback export                       # feedback/examples.npz, then `dvc add`"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+from digits.core.errors import DigitsError, first_line
 from digits.monitor import review
 
 EXPORT = Path("feedback/examples.npz")
+
+
+class ExportError(DigitsError):
+    pass
 
 
 def _items(args):
@@ -75,6 +82,31 @@ def ascii_art(image: bytes) -> str:
     )
 
 
+def dvc_root(path: Path) -> Path | None:
+    """The DVC repository `path` lies in (the nearest folder above it holding `.dvc/`)."""
+    return next((p for p in path.resolve().parents if (p / ".dvc").is_dir()), None)
+
+
+def track(out: Path, root: Path) -> Path:
+    """`dvc add out` in `root`: the file goes to DVC's cache, and `out.dvc` (its hash) and the
+    folder's .gitignore are what git commits. Unchanged bytes leave the .dvc file as it was.
+    Returns the .dvc file."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "add", "-q", str(out.resolve())],
+            cwd=root, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ExportError(
+            f"dvc add {out}: {first_line(e)}; the file is written, run it yourself"
+        ) from None
+    if done.returncode:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        why = said[0] if said else f"exit {done.returncode}"
+        raise ExportError(f"dvc add {out}: {why}; the file is written, run it again when fixed")
+    return out.with_name(out.name + ".dvc")
+
+
 def export_main(args) -> int:
     eng = _items(args)
     try:
@@ -85,6 +117,11 @@ def export_main(args) -> int:
     n, changed = review.export(items, out)
     state = "written" if changed else "unchanged"
     print(f"digits feedback: {n} approved example(s) -> {out} ({state})")
-    if changed:
-        print(f"  track and commit it: dvc add {out} && git add {out}.dvc && git commit")
+    root = None if getattr(args, "no_dvc", False) else dvc_root(out)
+    if root is None:
+        print(f"  not tracked (no DVC repository around it, or --no-dvc): dvc add {out}")
+        return 0
+    dvc_file = track(out, root)
+    print(f"  tracked with DVC: commit {dvc_file} (git add {dvc_file} && git commit), "
+          "then dvc push; dvc repro retrains with it")  # fmt: skip
     return 0

@@ -3,9 +3,11 @@ stage's hooks (a version's reference; its accuracy on the feedback hold-out), an
 set as train, evaluate and the gate read it. Kept here, beside what uses them, so each stage
 calls it in a line or two.
 
-The feedback set (`feedback/examples.npz`, written by `digits feedback export`) is committed to
-git: approved corrections are small (about 1 KB each) and a pipeline dependency, so DVC's lock
-records its hash and `dvc repro` reruns the stages that read it when a new export is committed.
+The feedback set (`feedback/examples.npz`, written by `digits feedback export`) is a DVC-tracked
+dataset: git commits `feedback/examples.npz.dvc` (its hash), DVC's cache and remote hold the
+file. The stages depend on the folder `feedback/` (the file is absent until the first export, and
+a missing dependency would stop `dvc repro`), so DVC's lock records its hash and `dvc repro`
+reruns the stages that read it when a new export is committed. No file: an empty set.
 Its hold-out share is fixed by each example's content hash (`feedback.holdout_share`): an
 example is held out or not whatever else the set holds, and a held-out one is never trained on."""
 
@@ -22,6 +24,9 @@ from digits.monitor import reference
 
 FEEDBACK_DATA = Path("feedback/examples.npz")
 FEEDBACK_REPORT = Path("reports/feedback.json")
+# the hold-out a version was judged on, in the run that registered it: the gate's reference
+# for the next version (digits.monitor.gatecheck), with the labels as they were then
+HOLDOUT_DIR, HOLDOUT_FILE = "feedback", "holdout.npz"
 
 
 class FeedbackDataError(DigitsError):
@@ -44,6 +49,12 @@ class FeedbackSet:
 
     def __len__(self) -> int:
         return len(self.y)
+
+
+def save_feedback(data: FeedbackSet, path: Path) -> None:
+    """`data` as digits feedback export writes a set (x, y, sha256)."""
+    with open(path, "wb") as fh:
+        np.savez(fh, x=data.x, y=data.y, sha256=data.sha256)
 
 
 def load_feedback(path: Path = FEEDBACK_DATA) -> FeedbackSet:
@@ -93,7 +104,8 @@ def holdout_correct(classifier, data: FeedbackSet) -> np.ndarray:
 def record_feedback(store, run_id: str, share: float) -> dict:
     """The evaluate stage's hook: the model's accuracy on the feedback hold-out, written to
     reports/feedback.json (its own file: metrics.json keeps its keys when there is no feedback)
-    and, when there is a hold-out, logged as `feedback/accuracy` and `feedback/holdout_size`."""
+    and, when there is a hold-out, logged as `feedback/accuracy` and `feedback/holdout_size`,
+    and the hold-out itself as the run's artifact `feedback/holdout.npz`."""
     from digits.core.files import MODEL, atomic_path
     from digits.model.inference import Classifier
 
@@ -111,7 +123,11 @@ def record_feedback(store, run_id: str, share: float) -> dict:
     with atomic_path(FEEDBACK_REPORT) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if len(correct):
-        with store.writing() as client:
+        import tempfile
+
+        with store.writing() as client, tempfile.TemporaryDirectory() as tmp:
             client.log_metric(run_id, "feedback/accuracy", summary["accuracy"])
             client.log_metric(run_id, "feedback/holdout_size", summary["holdout_size"])
+            save_feedback(data.part(held), Path(tmp) / HOLDOUT_FILE)
+            client.log_artifact(run_id, str(Path(tmp) / HOLDOUT_FILE), HOLDOUT_DIR)
     return summary

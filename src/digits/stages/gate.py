@@ -49,7 +49,7 @@ def run(params: Params) -> Outcome:
     """The `gate` stage / `digits gate` command. Raises GateFailed (exit 1) on any failure."""
     from digits.core.files import GATE_REPORT, MODEL, TEST_DATA
     from digits.data.preprocess import file_digest
-    from digits.monitor.gatecheck import with_feedback
+    from digits.monitor.gatecheck import production_champion, with_feedback
     from digits.tracking import runs as tracking
     from digits.tracking.store import open_store
 
@@ -71,9 +71,13 @@ def run(params: Params) -> Outcome:
                 suites(where.gates, params.evaluate.outliers_per_kind),
             )
             contest = compete(client, scorer, name, version, production)
+            # the feedback hold-out's check is against the version in service
+            served = production_champion(client, production, name, version)
         outcome = judge(name, contest, where, test_sha256, wild)
         # and the feedback hold-out, when there is one (digits.monitor.gatecheck)
-        outcome = with_feedback(outcome, where.gates.alpha, params.feedback.holdout_share)
+        outcome = with_feedback(
+            outcome, where.gates.alpha, params.feedback.holdout_share, production, served
+        )
         outcome = record(store, scorer, outcome, run_id, production)
         text = write_reports(outcome, governance.advisory(params.gates, where.gates))
         model_card(store, params, outcome, run_id)
