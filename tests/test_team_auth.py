@@ -85,6 +85,31 @@ def test_a_password_file_others_can_read_is_refused(tmp_path):
     )
 
 
+def test_a_negative_login_cache_is_refused(tmp_path):
+    out = digits("server", "--auth-cache-seconds", "-1", env={}, cwd=tmp_path)
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines() == [
+        "digits server: error: --auth-cache-seconds -1: expected 0 (check every request) or more"
+    ]
+
+
+@pytest.mark.parametrize("seconds", [60, 0])
+def test_mlflow_reads_the_login_cache_from_the_servers_ini(tmp_path, monkeypatch, seconds):
+    """The ini `digits server` writes, as MLflow's basic-auth app reads it: a checked login is
+    trusted for `--auth-cache-seconds` (60 by default; a pipeline run on a server with logins
+    took minutes of password hashing without it), never longer than asked."""
+    from mlflow.server.auth.config import read_auth_config
+
+    from digits.team import auth
+
+    path = auth.write_config(tmp_path, "postgresql://u@h/db", seconds)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(path))
+    config = read_auth_config()
+    assert config.auth_cache_ttl_seconds == seconds
+    assert config.database_uri == "postgresql://u@h/db" and config.default_permission == "READ"
+    assert auth.AUTH_CACHE_SECONDS == 60
+
+
 # --- the server, its users ---------------------------------------------------------------------
 
 

@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         "second database in the throwaway cluster)",
     )
     p.add_argument(
+        "--auth-cache-seconds",
+        type=int,
+        default=60,
+        metavar="N",
+        help="a worker trusts a login it has checked for N seconds, sparing the password hash "
+        "on every request (default 60; 0: check every request; docs/team.md)",
+    )
+    p.add_argument(
         "--no-auth",
         action="store_true",
         help="no logins: anyone who reaches the server may change anything (loopback only)",

@@ -27,6 +27,12 @@ from digits.core.errors import DigitsError, first_line
 from digits.tracking.registry import candidates_of
 
 ADMIN = "admin"  # the admin's login, as MLflow's basic_auth.ini names it
+# MLflow checks a login's password hash (a deliberately slow KDF, tens of ms) on every request,
+# and a client sends hundreds per pipeline run: measured, a one-epoch pipeline on a server with
+# logins spent minutes in it. For this long a worker trusts a login it has checked
+# (MLflow's auth_cache_ttl_seconds). The price: a password changed or a user removed on one
+# uvicorn worker is still accepted by the others for at most this long (docs/team.md).
+AUTH_CACHE_SECONDS = 60
 MIN_PASSWORD = 12  # MLflow's own rule (mlflow.utils.validation._validate_password)
 DEFAULT_EXPERIMENT, DEFAULT_MODEL = "mnist", "mnist-mlp"  # params.yaml's mlflow section
 
@@ -82,10 +88,13 @@ def admin_password(password_file: str | None) -> str:
     return secret
 
 
-def write_config(folder: Path, database_uri: str) -> Path:
+def write_config(folder: Path, database_uri: str, cache_seconds: int = AUTH_CACHE_SECONDS) -> Path:
     """MLflow's auth ini, created 0600 (never readable by others, not even for an instant) in
     `folder`, private to this user (a mkdtemp folder, 0700). The database URI may hold the
-    database's password; `%` doubled, as configparser reads it."""
+    database's password; `%` doubled, as configparser reads it. `cache_seconds`: how long a
+    worker trusts a login it has checked (MLflow's auth_cache_ttl_seconds; 0: never)."""
+    if cache_seconds < 0:
+        raise AuthError(f"--auth-cache-seconds {cache_seconds}: expected 0 (off) or more")
     path = folder / "basic_auth.ini"
     text = (
         "[mlflow]\n"
@@ -93,6 +102,7 @@ def write_config(folder: Path, database_uri: str) -> Path:
         f"database_uri = {database_uri.replace('%', '%%')}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {cache_seconds}\n"
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -251,6 +251,9 @@ def _logins(args, extra: list[str]) -> str | None:
                 "a loopback address (127.0.0.1, ::1); drop --no-auth to reach it from elsewhere"
             )
         return None
+    cache = getattr(args, "auth_cache_seconds", auth.AUTH_CACHE_SECONDS)
+    if cache < 0:
+        raise ServerError(f"--auth-cache-seconds {cache}: expected 0 (check every request) or more")
     return auth.admin_password(getattr(args, "admin_password_file", None))
 
 
@@ -287,7 +290,8 @@ def serve(args, extra: list[str]) -> int:
         url = f"http://[{local}]:{port}" if ":" in local else f"http://{local}:{port}"
         if password is not None:
             private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="digits-auth-")))
-            config = auth.write_config(private, auth_db or backend)
+            cache = getattr(args, "auth_cache_seconds", auth.AUTH_CACHE_SECONDS)
+            config = auth.write_config(private, auth_db or backend, cache)
             env = auth.server_env(env, config, password)
             extra = ["--app-name", "basic-auth", *extra]
         else:
