@@ -30,6 +30,9 @@ CANDIDATES: dict[str, tuple[dict, int, int]] = {
     # cheaper steps (issue 34): fewer epochs, or a smaller share of each batch warped
     "epochs-40": ({"epochs": 40}, 0, 0),
     "warp-0.4": ({"augment": {"warp_share": 0.4}}, 0, 0),
+    # fewer epochs, each image warped, printed digits among the positives (issues 34 and 35)
+    "printed-32-warp-1": ({"epochs": 32, "augment": {"warp_share": 1.0}}, 4000, 0),
+    "printed-36": ({"epochs": 36}, 4000, 0),
 }
 WILD_REFUSE = 0.05  # `sources`: the wild validation digits, pooled, refuse at most this share
 
