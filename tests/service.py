@@ -26,11 +26,17 @@ DIGITS = str(Path(sys.executable).parent / "digits")
 NAME = "mnist-mlp"
 
 
-def request(url: str, body: bytes | None = None, content_type: str | None = None, headers=None):
+def request(
+    url: str,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    headers=None,
+    method: str | None = None,
+):
     """(status, parsed JSON or text) of one HTTP request; 4xx/5xx are answers, not errors."""
     sent = {"Content-Type": content_type} if content_type else {}
     sent.update(headers or {})
-    req = urllib.request.Request(url, data=body, headers=sent)
+    req = urllib.request.Request(url, data=body, headers=sent, method=method)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             status, kind, data = r.status, r.headers.get("content-type", ""), r.read()

@@ -25,6 +25,7 @@ from PIL import Image
 from digits.data.imaging import MAX_BYTES, preprocess, read_image
 from digits.data.preprocess import read_pair
 from helpers import glyph_image, mnist_dir, photo_like, run, start_chromium
+from service import request
 
 DIGITS = str(Path(sys.executable).parent / "digits")
 pytestmark = pytest.mark.slow  # a real server, a trained model, a browser
@@ -69,18 +70,6 @@ def wait_for_url(proc: subprocess.Popen, log: Path, timeout: float = 180) -> str
             break
         time.sleep(0.2)
     raise AssertionError(f"digits app did not start (exit {proc.poll()}):\n{log.read_text()}")
-
-
-def request(url: str, body: bytes | None = None, content_type: str | None = None, method=None):
-    """(status, parsed JSON or text) of one HTTP request; 4xx/5xx are answers, not errors."""
-    headers = {"Content-Type": content_type} if content_type else {}
-    req = urllib.request.Request(url, data=body, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, kind, data = r.status, r.headers.get("content-type", ""), r.read()
-    except urllib.error.HTTPError as e:
-        status, kind, data = e.code, e.headers.get("content-type", ""), e.read()
-    return status, json.loads(data) if kind.startswith("application/json") else data.decode()
 
 
 def png_bytes(img: Image.Image) -> bytes:
